@@ -1,0 +1,209 @@
+"""Saving, loading and merging adapters.
+
+An adapter folder holds two files:
+
+* ``adapter.safetensors``: every adapter tensor (``<layer>.adapters.<part>.<name>``: trainable tensors and
+  persistent buffers such as SVFT's support), the ``trainable_modules`` (e.g. ``head.weight``) and the strategy's
+  shared tensors (VeRA's random pair);
+* ``adapter_config.json``: the strategy's class path and constructor arguments, and the shape and parts of every
+  adapted layer, so ``load_adapter`` can rebuild the same adapters on a fresh base model and refuse a base model
+  whose shapes differ before doing any work.
+
+Both are written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .base import AdaptedLinear, AdapterStrategy, adapted_layers, count_parameters, full_tensor, resolve_targets
+
+FORMAT = "lit_peft.adapter"
+FORMAT_VERSION = 1
+TENSORS_FILE = "adapter.safetensors"
+CONFIG_FILE = "adapter_config.json"
+
+
+def get_strategy(model: nn.Module) -> AdapterStrategy:
+    strategy = getattr(model, "lit_peft_strategy", None)
+    if strategy is None:
+        raise ValueError(f"{type(model).__name__} has no adapters: call strategy.apply(model) or load_adapter first")
+    return strategy
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Every tensor an adapter file holds, keyed by its name in ``model.state_dict()`` (DTensors gathered)."""
+    strategy = get_strategy(model)
+    state = {}
+    for name, layer in adapted_layers(model).items():
+        for key, tensor in layer.adapters.state_dict(keep_vars=True).items():
+            state[f"{name}.adapters.{key}"] = tensor
+    for name in strategy._trainable_module_names(model):
+        for key, tensor in model.get_submodule(name).state_dict(keep_vars=True).items():
+            state[f"{name}.{key}"] = tensor
+    state.update(strategy.extra_tensors(model))
+    return {k: full_tensor(v.detach()).contiguous() for k, v in state.items()}
+
+
+def adapter_config(model: nn.Module) -> dict:
+    strategy = get_strategy(model)
+    cls = type(strategy)
+    layers = {name: {"in_features": layer.in_features, "out_features": layer.out_features,
+                     "parts": {p: list(rows) for p, rows in layer.parts.items()}}
+              for name, layer in adapted_layers(model).items()}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "strategy": f"{cls.__module__}.{cls.__qualname__}",
+            "init_args": strategy.init_args(), "layers": layers,
+            "parameter_count": count_parameters(model)["adapter"]}
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``adapter.safetensors`` and ``adapter_config.json`` into the folder ``path``; returns the folder."""
+    folder = Path(path)
+    config = adapter_config(model)
+    tensors = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(folder / TENSORS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
+    _atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    return folder
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    """The parsed, validated ``adapter_config.json`` of an adapter folder (clear errors for anything else)."""
+    folder = Path(path)
+    config_file = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} does not exist (expected {CONFIG_FILE} and {TENSORS_FILE})")
+    for needed in (config_file, folder / TENSORS_FILE):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed} is missing: {folder} is not a lit_peft adapter folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file} is not valid JSON ({err}); the adapter folder is corrupt") from err
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"{config_file} is not a lit_peft adapter config (no \"format\": \"{FORMAT}\"); "
+                         f"for a Hugging Face peft adapter use peft.PeftModel.from_pretrained")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{config_file} has format_version {config['format_version']}, newer than this lit_peft "
+                         f"reads ({FORMAT_VERSION}); upgrade lit_peft")
+    missing = [k for k in ("strategy", "init_args", "layers") if k not in config]
+    if missing:
+        raise ValueError(f"{config_file} lacks the keys {missing}; the adapter folder is corrupt")
+    return config
+
+
+def strategy_from_config(config: Mapping) -> AdapterStrategy:
+    module_name, _, class_name = config["strategy"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"adapter strategy {config['strategy']!r} cannot be imported: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, AdapterStrategy)):
+        raise ValueError(f"{config['strategy']!r} is not an AdapterStrategy subclass")
+    return cls(**config["init_args"])
+
+
+def _read_tensors(file: Path) -> dict[str, Tensor]:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            if (f.metadata() or {}).get("format") != FORMAT:
+                raise ValueError(f"{file} was not written by lit_peft.save_adapter (no format metadata)")
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file} is not a readable safetensors file ({err}); the adapter folder is corrupt") from err
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Rebuild the saved adapters on ``model`` (a freshly built base model) and load their tensors.
+
+    Every shape is checked against the file before the model is touched; returns ``model``.
+    """
+    folder = Path(path)
+    config = read_adapter_config(folder)
+    strategy = strategy_from_config(config)
+    tensors = _read_tensors(folder / TENSORS_FILE)
+
+    modules = dict(model.named_modules())
+    problems = []
+    for name, saved in config["layers"].items():
+        module = modules.get(name)
+        if module is None:
+            problems.append(f"{name}: saved layer not found in {type(model).__name__}")
+        elif not isinstance(module, nn.Linear):
+            problems.append(f"{name}: is a {type(module).__name__} here, the adapter was saved on an nn.Linear")
+        elif (module.out_features, module.in_features) != (saved["out_features"], saved["in_features"]):
+            problems.append(f"{name}: weight shape here ({module.out_features}, {module.in_features}), saved "
+                            f"({saved['out_features']}, {saved['in_features']})")
+    if not problems:
+        targets = resolve_targets(model, strategy.target_modules, strategy.fused_qkv, strategy.trainable_modules)
+        expected = {name: {p: list(rows) for p, rows in parts.items()} for name, parts in targets.items()}
+        saved_parts = {name: saved["parts"] for name, saved in config["layers"].items()}
+        if expected != saved_parts:
+            differing = sorted(n for n in {*expected, *saved_parts} if expected.get(n) != saved_parts.get(n))
+            problems.append(f"the adapter's targets resolve to other layers or parts on this model: {differing[:5]}")
+        for name in strategy._trainable_module_names(model):
+            for key, tensor in model.get_submodule(name).state_dict().items():
+                saved_tensor = tensors.get(f"{name}.{key}")
+                if saved_tensor is None:
+                    problems.append(f"{name}.{key}: missing from {folder / TENSORS_FILE}")
+                elif saved_tensor.shape != full_tensor(tensor).shape:
+                    problems.append(f"{name}.{key}: shape here {tuple(full_tensor(tensor).shape)}, saved "
+                                    f"{tuple(saved_tensor.shape)}")
+        layer_keys = {k.split(".adapters.")[0] for k in tensors if ".adapters." in k}
+        missing_layers = sorted(set(config["layers"]) - layer_keys)
+        if missing_layers:
+            problems.append(f"{folder / TENSORS_FILE} has no tensors for {missing_layers[:5]}; the file is corrupt")
+    if problems:
+        raise ValueError(f"cannot load adapter {folder} onto {type(model).__name__}:\n  - " + "\n  - ".join(problems))
+
+    strategy.apply(model)
+    expected_state = adapter_state_dict(model)
+    missing = sorted(set(expected_state) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected_state))
+    mismatched = [f"{k}: here {tuple(v.shape)}, saved {tuple(tensors[k].shape)}"
+                  for k, v in expected_state.items() if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"adapter file {folder / TENSORS_FILE} does not fit the rebuilt adapters: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {mismatched[:5]}")
+    extra_keys = set(strategy.extra_tensors(model))
+    layer_state = {k: v for k, v in tensors.items() if k not in extra_keys}
+    with torch.no_grad():
+        result = model.load_state_dict(layer_state, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"unexpected keys in {folder / TENSORS_FILE}: {result.unexpected_keys[:5]}")
+        strategy.load_extra_tensors(model, {k: tensors[k] for k in extra_keys})
+    return model
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its layer: each adapted layer becomes a plain ``nn.Linear`` with the same output
+    (in eval mode). In place, returns ``model``; a model without adapters is returned unchanged."""
+    for name, layer in adapted_layers(model).items():
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, layer.merged_linear())
+    if hasattr(model, "lit_peft_strategy"):
+        del model.lit_peft_strategy
+    return model
+
+
+__all__ = ["save_adapter", "load_adapter", "merge_adapters", "adapter_state_dict", "adapter_config",
+           "read_adapter_config", "get_strategy", "AdaptedLinear"]
