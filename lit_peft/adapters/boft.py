@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdaptedLinear, AdapterStrategy, TargetSpec, adapter_tensor, adapted_layers, full_tensor
+from .base import (AdaptedLinear, AdapterStrategy, TargetSpec, adapter_tensor, adapted_layers, compute_dtype,
+                   full_tensor)
 
 NEUMANN_TOLERANCE = 1e-4
 # Extra memory traffic of one factor-by-factor rotation, in multiply-add equivalents per element: a reshape,
@@ -181,15 +182,15 @@ class BOFTPart(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, block_size: int, n_butterfly_factors: int,
-                 scale: bool = True, bias: Tensor | None = None):
+                 scale: bool = True, bias: Tensor | None = None, device=None, dtype=None):
         super().__init__()
         self.block_size = block_size
         self.n_butterfly_factors = n_butterfly_factors
         free = block_size * (block_size - 1) // 2
-        like = {"device": bias.device if bias is not None else None}
+        like = {"device": device, "dtype": dtype}
         self.skew = nn.Parameter(torch.zeros(n_butterfly_factors, in_features // block_size, free, **like))
         self.scale = nn.Parameter(torch.ones(out_features, **like)) if scale else None
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.bias = nn.Parameter(bias.detach().to(**like).clone()) if bias is not None else None
 
     def extra_repr(self) -> str:
         return f"block_size={self.block_size}, n_butterfly_factors={self.n_butterfly_factors}"
@@ -209,10 +210,11 @@ class BOFTLinear(AdaptedLinear):
         self.cayley = cayley
         self.neumann_terms = neumann_terms
         self.side = side
+        dtype = compute_dtype(self.weight.dtype)
         for part, (start, stop) in self.parts.items():
             bias = self.bias[start:stop] if train_bias and self.bias is not None else None
-            part_module = BOFTPart(self.in_features, stop - start, block_size, n_butterfly_factors, scale, bias)
-            self.adapters[part] = part_module.to(device=self.weight.device)
+            self.adapters[part] = BOFTPart(self.in_features, stop - start, block_size, n_butterfly_factors, scale,
+                                           bias, device=self.weight.device, dtype=dtype)
 
     def orthogonal_blocks(self, part: str, training: bool = False) -> Tensor:
         """``Q`` of every factor and block, ``(m, in/b, b, b)``, in float32 (float64 for float64 models)."""

@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -65,7 +66,8 @@ def adapter_config(model: nn.Module) -> dict:
             "parameter_count": count_parameters(model)["adapter"]}
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` to a temporary name beside ``path``, then rename it onto ``path``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
@@ -80,8 +82,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     config = adapter_config(model)
     tensors = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / TENSORS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
-    _atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(folder / TENSORS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
+    atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return folder
 
 
@@ -134,7 +136,9 @@ def _read_tensors(file: Path) -> dict[str, Tensor]:
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Rebuild the saved adapters on ``model`` (a freshly built base model) and load their tensors.
 
-    Every shape is checked against the file before the model is touched; returns ``model``.
+    Layer shapes, parts and head tensors are checked against the file before any work; if the rebuilt adapters
+    then do not fit the file's tensors, the model is put back as it was before the error is raised.
+    Returns ``model``.
     """
     folder = Path(path)
     config = read_adapter_config(folder)
@@ -174,23 +178,58 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if problems:
         raise ValueError(f"cannot load adapter {folder} onto {type(model).__name__}:\n  - " + "\n  - ".join(problems))
 
-    strategy.apply(model)
-    expected_state = adapter_state_dict(model)
-    missing = sorted(set(expected_state) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected_state))
-    mismatched = [f"{k}: here {tuple(v.shape)}, saved {tuple(tensors[k].shape)}"
-                  for k, v in expected_state.items() if k in tensors and tensors[k].shape != v.shape]
-    if missing or unexpected or mismatched:
-        raise ValueError(f"adapter file {folder / TENSORS_FILE} does not fit the rebuilt adapters: missing "
-                         f"{missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {mismatched[:5]}")
-    extra_keys = set(strategy.extra_tensors(model))
-    layer_state = {k: v for k, v in tensors.items() if k not in extra_keys}
-    with torch.no_grad():
-        result = model.load_state_dict(layer_state, strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"unexpected keys in {folder / TENSORS_FILE}: {result.unexpected_keys[:5]}")
-        strategy.load_extra_tensors(model, {k: tensors[k] for k in extra_keys})
+    with _restored_on_error(model):
+        strategy.apply(model)
+        expected_state = adapter_state_dict(model)
+        missing = sorted(set(expected_state) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected_state))
+        mismatched = [f"{k}: here {tuple(v.shape)}, saved {tuple(tensors[k].shape)}"
+                      for k, v in expected_state.items() if k in tensors and tensors[k].shape != v.shape]
+        if missing or unexpected or mismatched:
+            raise ValueError(f"adapter file {folder / TENSORS_FILE} does not fit the rebuilt adapters: missing "
+                             f"{missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {mismatched[:5]}")
+        extra_keys = set(strategy.extra_tensors(model))
+        with torch.no_grad():
+            model.load_state_dict({k: v for k, v in tensors.items() if k not in extra_keys}, strict=False)
+            strategy.load_extra_tensors(model, {k: tensors[k] for k in extra_keys})
     return model
+
+
+@contextmanager
+def _restored_on_error(model: nn.Module):
+    """Undo ``strategy.apply`` (original layers back, ``requires_grad`` flags as they were) if the block raises."""
+    modules = dict(model.named_modules())
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for name in adapted_layers(model):
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, modules[name])
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        if hasattr(model, "lit_peft_strategy"):
+            del model.lit_peft_strategy
+        raise
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict of the merged model, without modifying ``model``: the keys of the plain base model, with
+    every adapted layer's ``weight``/``bias`` replaced by its merged values (one layer merged at a time, so the
+    extra memory is the returned dict). DTensors are gathered."""
+    layers = adapted_layers(model)
+    state = {}
+    for name, layer in layers.items():
+        linear = layer.merged_linear()
+        state[f"{name}.weight"] = linear.weight
+        if linear.bias is not None:
+            state[f"{name}.bias"] = linear.bias
+    prefixes = tuple(f"{name}." for name in layers)
+    for key, tensor in model.state_dict().items():
+        if not key.startswith(prefixes):
+            state[key] = full_tensor(tensor.detach())
+    return state
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
@@ -205,5 +244,5 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["save_adapter", "load_adapter", "merge_adapters", "adapter_state_dict", "adapter_config",
+__all__ = ["save_adapter", "load_adapter", "merge_adapters", "merged_state_dict", "adapter_state_dict", "adapter_config",
            "read_adapter_config", "get_strategy", "AdaptedLinear"]

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdaptedLinear, AdapterStrategy, TargetSpec, adapter_tensor, full_tensor
+from .base import AdaptedLinear, AdapterStrategy, TargetSpec, adapter_tensor, compute_dtype, full_tensor
 
 Pattern = Literal["plain", "banded", "random", "top_k"]
 PATTERNS = ("plain", "banded", "random", "top_k")
@@ -103,17 +103,19 @@ def make_support(pattern: str, rank: int, off_diag: int, seed: int = 0, U: Tenso
 
 
 class SVFTPart(nn.Module):
-    """One part's SVD buffers (``U``, ``S``, ``V``; not saved), support (``rows``, ``cols``; saved) and ``values``.
+    """One part's SVD buffers (``U``, ``S``, ``V``; not saved; in ``dtype``), support (``rows``, ``cols``; saved) and
+    trainable ``values`` (in at least float32, like every adapter parameter).
 
     Args:
         svd: ``(U, S, V)`` of the part's base rows, canonical signs.
         rows, cols: the support Ω.
         init: ``"zero"`` or ``"gated"`` (see the module docstring).
         seed: seeds the gated initial values.
+        diagonal: Ω is the diagonal (the plain pattern): ``M`` is applied as a scaling.
     """
 
     def __init__(self, svd: SVD, rows: Tensor, cols: Tensor, init: str = "zero", seed: int = 0,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, diagonal: bool = False):
         super().__init__()
         U, S, V = svd
         dtype = dtype or U.dtype
@@ -122,15 +124,18 @@ class SVFTPart(nn.Module):
         self.register_buffer("V", V.to(dtype), persistent=False)
         self.register_buffer("rows", rows.to(U.device))
         self.register_buffer("cols", cols.to(U.device))
-        self.diagonal = bool(torch.equal(rows, cols) and len(rows) == S.numel())
+        # Decided by the pattern, not by the indices: a loaded support (top_k with d=0 from another base) may
+        # have r entries off the diagonal.
+        self.diagonal = diagonal
         k = len(rows)
+        trainable = {"device": U.device, "dtype": compute_dtype(dtype)}
         if init == "gated":
             gen = torch.Generator().manual_seed(seed)
             values = torch.randn(k, generator=gen, dtype=torch.float64) * math.sqrt(2.0 / k)
-            self.values = nn.Parameter(values.to(device=U.device, dtype=dtype))
-            self.gate = nn.Parameter(torch.zeros((), device=U.device, dtype=dtype))
+            self.values = nn.Parameter(values.to(**trainable))
+            self.gate = nn.Parameter(torch.zeros((), **trainable))
         else:
-            self.values = nn.Parameter(torch.zeros(k, device=U.device, dtype=dtype))
+            self.values = nn.Parameter(torch.zeros(k, **trainable))
             self.gate = None
 
     @property
@@ -289,7 +294,7 @@ class SVFT(AdapterStrategy):
             U, S, V = self.compute_svd(label, weight[start:stop])
             rows, cols = make_support(self.pattern, S.numel(), self.off_diag, layer_seed(self.seed, label), U, V)
             modules[part] = SVFTPart((U, S, V), rows, cols, self.init, layer_seed(self.seed + 1, label),
-                                     dtype=weight.dtype)
+                                     dtype=weight.dtype, diagonal=self.pattern == "plain")
         return SVFTLinear(linear, parts, modules, self.side)
 
 

@@ -1,0 +1,114 @@
+"""``MergeAdapters``: at the end of ``fit``, fold the adapters into the backbone and write a plain model.
+
+Steps (global rank 0 writes, the other ranks wait):
+
+1. build the merged weights without touching the trained model (:func:`lit_peft.adapters.merged_state_dict`);
+2. load them into a freshly built *plain* backbone (``pl_module.build_plain_model()``, e.g. ``timm.create_model``)
+   with ``strict=True`` — the same thing a user does with the file;
+3. check on one batch that the plain merged model and the adapted model agree within ``tolerance``;
+4. write ``model.safetensors`` (via ``pl_module.save_merged_model``), and the adapter alone under ``adapter/``
+   (``adapter.safetensors`` + ``adapter_config.json``), each to a temporary name, then renamed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_peft.adapters import merged_state_dict, save_adapter
+from lit_peft.adapters.io import get_strategy
+
+
+class MergeCheckError(RuntimeError):
+    """The merged model does not reproduce the adapted model on the check batch."""
+
+
+def first_batch(trainer: L.Trainer):
+    """One batch for the merge check: from the validation loader if there is one, else the training loader."""
+    datamodule = trainer.datamodule
+    loaders = []
+    if datamodule is not None:
+        for getter in ("val_dataloader", "train_dataloader"):
+            try:
+                loaders.append(getattr(datamodule, getter)())
+            except (NotImplementedError, AttributeError, TypeError):
+                continue
+    loaders += [trainer.val_dataloaders, trainer.train_dataloader]
+    for loader in loaders:
+        if loader is None:
+            continue
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        if loader is not None:
+            for batch in loader:
+                return batch
+    return None
+
+
+class MergeAdapters(L.Callback):
+    """Write the merged model and the adapter when ``fit`` ends.
+
+    Args:
+        output_dir: where to write; default ``<trainer.log_dir>/merged``.
+        tolerance: largest relative difference (max-abs over max-abs) of merged vs adapted outputs on the check
+            batch; a larger one raises :class:`MergeCheckError` and nothing is written.
+        check: run the one-batch check.
+    """
+
+    def __init__(self, output_dir: str | None = None, tolerance: float = 1e-4, check: bool = True):
+        self.output_dir = output_dir
+        self.tolerance = tolerance
+        self.check = check
+        self.last_difference: float | None = None
+        self.written: Path | None = None
+
+    def resolve_dir(self, trainer: L.Trainer) -> Path:
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "merged"
+
+    @torch.no_grad()
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(pl_module.model, "lit_peft_strategy", None) is None:
+            rank_zero_info("MergeAdapters: the model has no adapter; nothing to merge")
+            return
+        folder = self.resolve_dir(trainer)
+        state = merged_state_dict(pl_module.model)  # every rank takes part in gathering sharded tensors
+        if trainer.is_global_zero:
+            plain = pl_module.build_plain_model()
+            plain.load_state_dict(state, strict=True, assign=True)
+            plain.to(pl_module.device).eval()
+            if self.check:
+                self._check(trainer, pl_module, plain)
+            folder.mkdir(parents=True, exist_ok=True)
+            pl_module.save_merged_model(plain, folder)
+            save_adapter(pl_module.model, folder / "adapter")
+            self.written = folder
+            rank_zero_info(f"MergeAdapters: merged model and adapter ({get_strategy(pl_module.model)!r}) written to "
+                           f"{folder}" + ("" if self.last_difference is None else
+                                          f"; merged vs adapted relative difference {self.last_difference:.2e}"))
+        trainer.strategy.barrier("merge_adapters")
+
+    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule, plain: torch.nn.Module) -> None:
+        batch = first_batch(trainer)
+        if batch is None:
+            rank_zero_info("MergeAdapters: no batch available for the merge check; skipped")
+            return
+        batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            adapted = pl_module.model_outputs(pl_module.model, batch).float()
+            merged = pl_module.model_outputs(plain, batch).float()
+        finally:
+            pl_module.train(was_training)
+        difference = float((merged - adapted).abs().max() / adapted.abs().max().clamp_min(1e-12))
+        self.last_difference = difference
+        if not difference <= self.tolerance:
+            raise MergeCheckError(f"MergeAdapters: merged and adapted outputs differ by {difference:.3e} (relative), "
+                                  f"more than tolerance {self.tolerance:.1e}; nothing written to "
+                                  f"{self.resolve_dir(trainer)}")
+

@@ -1,0 +1,130 @@
+"""``SVDCache``: compute each SVFT-adapted weight's SVD once and keep it on disk.
+
+A cache entry is ``<cache_dir>/<sha256>.safetensors`` holding ``U``, ``S``, ``V``; the key hashes the weight's
+bytes, shape and dtype, the SVD precision and a format version, so a changed weight never hits a stale entry.
+An entry is trusted only if its metadata repeats the key and shapes and ``U diag(S) Vᵀ`` reproduces the weight;
+a truncated, foreign or mismatched file is recomputed and rewritten (to a temporary name, then renamed).
+
+In a multi-process run the global rank 0 fills the cache during ``setup`` (before the adapter is applied and
+before any sharding) while the other ranks wait at a barrier, then every rank loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from lit_peft.adapters import SVFT, resolve_targets
+from lit_peft.adapters.base import full_tensor
+from lit_peft.adapters.svft import canonical_svd
+
+CACHE_VERSION = "1"
+
+
+class SVDCache(L.Callback):
+    """Cache the SVDs that SVFT needs.
+
+    Args:
+        cache_dir: folder of the cache entries (created if missing).
+        reconstruction_tolerance: largest relative error ``‖U diag(S) Vᵀ − W‖_F / ‖W‖_F`` of a trusted entry.
+    """
+
+    def __init__(self, cache_dir: str = "~/.cache/lit_peft/svd", reconstruction_tolerance: float = 1e-4):
+        self.cache_dir = Path(os.path.expanduser(cache_dir))
+        self.reconstruction_tolerance = reconstruction_tolerance
+        self.hits = 0
+        self.misses = 0
+        self.seconds = 0.0
+
+    # -- the cache itself ------------------------------------------------------------------------------------------
+    @staticmethod
+    def key(weight: Tensor, dtype: torch.dtype) -> str:
+        digest = hashlib.sha256()
+        digest.update(f"{CACHE_VERSION}|{tuple(weight.shape)}|{weight.dtype}|{dtype}|".encode())
+        digest.update(weight.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.cache_dir / f"{key}.safetensors"
+
+    def load(self, weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The cached SVD of ``weight``, or ``None`` if there is no trustworthy entry."""
+        key = self.key(weight, dtype)
+        file = self.path(key)
+        if not file.is_file():
+            return None
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                meta = f.metadata() or {}
+                U, S, V = (f.get_tensor(k) for k in ("U", "S", "V"))
+        except (SafetensorError, OSError, KeyError, ValueError) as err:
+            rank_zero_warn(f"SVDCache: unreadable entry {file} ({err}); recomputing")
+            return None
+        out, n = weight.shape
+        r = min(out, n)
+        if meta.get("key") != key or U.shape != (out, r) or S.shape != (r,) or V.shape != (n, r):
+            rank_zero_warn(f"SVDCache: entry {file} does not match its weight ({tuple(weight.shape)}); recomputing")
+            return None
+        W = weight.detach().to(device="cpu", dtype=U.dtype)
+        error = torch.linalg.matrix_norm(U * S @ V.mT - W) / torch.linalg.matrix_norm(W).clamp_min(1e-30)
+        if not error <= self.reconstruction_tolerance:
+            rank_zero_warn(f"SVDCache: entry {file} reconstructs its weight with relative error {float(error):.2e}; "
+                           f"recomputing")
+            return None
+        return U, S, V
+
+    def store(self, weight: Tensor, dtype: torch.dtype, svd: tuple[Tensor, Tensor, Tensor]) -> None:
+        key = self.key(weight, dtype)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        final = self.path(key)
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        tensors = {k: t.detach().cpu().contiguous() for k, t in zip("USV", svd)}
+        try:
+            save_file(tensors, str(tmp), metadata={"key": key, "shape": f"{tuple(weight.shape)}", "dtype": str(dtype)})
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def get_or_compute(self, name: str, weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """What SVFT calls for each adapted weight (installed as ``SVFT.svd_provider``)."""
+        start = time.perf_counter()
+        weight = full_tensor(weight)
+        cached = self.load(weight, dtype)
+        if cached is not None:
+            self.hits += 1
+            svd = cached
+        else:
+            self.misses += 1
+            svd = canonical_svd(weight, dtype)
+            self.store(weight, dtype, svd)
+        self.seconds += time.perf_counter() - start
+        return tuple(t.to(weight.device) for t in svd)
+
+    # -- Lightning hooks -------------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        adapter = getattr(pl_module, "adapter", None)
+        if not isinstance(adapter, SVFT):
+            rank_zero_info(f"SVDCache: the adapter is {type(adapter).__name__}, not SVFT; nothing to cache")
+            return
+        dtype = getattr(torch, adapter.svd_dtype)
+        if trainer.is_global_zero:
+            targets = resolve_targets(pl_module.model, adapter.target_modules, adapter.fused_qkv,
+                                      exclude=adapter.trainable_modules)
+            for name, parts in targets.items():
+                weight = full_tensor(pl_module.model.get_submodule(name).weight)
+                for part, (start, stop) in parts.items():
+                    label = name if part == "all" else f"{name}.{part}"
+                    self.get_or_compute(label, weight[start:stop], dtype)
+            rank_zero_info(f"SVDCache: {self.hits} loaded, {self.misses} computed in {self.seconds:.1f}s "
+                           f"({self.cache_dir})")
+        trainer.strategy.barrier("svd_cache")
+        adapter.svd_provider = self.get_or_compute

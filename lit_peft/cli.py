@@ -1,0 +1,80 @@
+"""``python -m lit_peft fit|validate|test|predict --config X.yaml``: LightningCLI over lit_peft's modules.
+
+The model, its adapter, the data and the callbacks are all ``class_path``/``init_args`` entries, so any
+LightningModule, any :class:`~lit_peft.adapters.AdapterStrategy` (or a user's own subclass) and any data module
+plugs in from YAML. A ``--config NAME`` that is not a file in the working directory is looked up in the bundled
+``configs/`` folder (``--config vtab_boft.yaml``, ``--config strategy/ddp.yaml``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, Optional
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+
+def bundled_configs_dir() -> Path:
+    """The configs folder: the repository's ``configs/`` in a checkout, ``lit_peft/configs`` when installed."""
+    checkout = Path(__file__).resolve().parent.parent / "configs"
+    if checkout.is_dir():
+        return checkout
+    from importlib.resources import files
+
+    return Path(str(files("lit_peft.configs")))
+
+
+def resolve_config_args(args: Sequence[str]) -> list[str]:
+    """Rewrite ``--config NAME`` to the bundled file when ``NAME`` is not a file here but is a bundled config."""
+    resolved = list(args)
+    for i, arg in enumerate(resolved):
+        if arg == "--config" and i + 1 < len(resolved):
+            index, value = i + 1, resolved[i + 1]
+        elif arg.startswith("--config="):
+            index, value = i, arg.split("=", 1)[1]
+        else:
+            continue
+        if os.path.exists(value):
+            continue
+        candidate = bundled_configs_dir() / value
+        if not candidate.is_file() and value.startswith("configs/"):
+            candidate = bundled_configs_dir() / value[len("configs/"):]
+        if candidate.is_file():
+            resolved[index] = str(candidate) if index == i + 1 else f"--config={candidate}"
+        else:
+            available = sorted(str(p.relative_to(bundled_configs_dir())) for p in bundled_configs_dir().rglob("*.yaml"))
+            raise SystemExit(f"lit_peft: config {value!r} is neither a file here nor a bundled config; bundled: "
+                             f"{', '.join(available)}")
+    return resolved
+
+
+class LitPeftCLI(LightningCLI):
+    """LightningCLI with lit_peft's defaults: subclass mode for model and data, our own optimiser set-up, and
+    ``test_after_fit`` to test in the same run (``final``: the weights at the end of fit, the BOFT VTAB protocol;
+    ``best``: the best checkpoint of a ``ModelCheckpoint``, the SVFT few-shot protocol)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--test_after_fit", type=Optional[Literal["final", "best"]], default=None,
+                            help="after fit, run test on the final weights or on the best checkpoint")
+
+    def after_fit(self) -> None:
+        when = self.config.get(self.subcommand, {}).get("test_after_fit")
+        if when is None or self.trainer.interrupted:
+            return
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if when == "best" else None)
+
+
+def main(args: Sequence[str] | None = None) -> LitPeftCLI:
+    return LitPeftCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=resolve_config_args(sys.argv[1:] if args is None else args),
+    )

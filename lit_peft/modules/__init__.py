@@ -1,0 +1,6 @@
+"""LightningModules: a thin layer that wraps a backbone, applies an adapter strategy and trains it."""
+
+from .base import AdaptedModule
+from .vision import ViTClassifier
+
+__all__ = ["AdaptedModule", "ViTClassifier"]
