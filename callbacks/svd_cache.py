@@ -115,6 +115,8 @@ class SVDCache(L.Callback):
         if not isinstance(adapter, SVFT):
             rank_zero_info(f"SVDCache: the adapter is {type(adapter).__name__}, not SVFT; nothing to cache")
             return
+        if getattr(pl_module.model, "lit_peft_strategy", None) is not None:
+            return  # already adapted (a test or validate stage after fit in the same process)
         dtype = getattr(torch, adapter.svd_dtype)
         if trainer.is_global_zero:
             targets = resolve_targets(pl_module.model, adapter.target_modules, adapter.fused_qkv,

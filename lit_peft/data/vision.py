@@ -40,6 +40,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 from torchvision import transforms as T
 
+from .sampling import make_loader
+
 __all__ = [
     "VTAB_TASKS",
     "VTAB_LIST_FILES",
@@ -475,20 +477,10 @@ class _ImageDataModule(L.LightningDataModule):
                 f"{type(self).__name__}: the {split} set is not built; call setup() for the matching stage first "
                 "(the Trainer does this)"
             )
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            drop_last=False,
-        )
+        return make_loader(ds, self.batch_size, shuffle, self.seed, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        """Training loader, shuffled with a generator seeded by ``seed``."""
+        """Training loader, shuffled per epoch from ``(seed, epoch)`` (resumable, see ``EpochShuffleSampler``)."""
         return self._loader(self.train_set, "train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

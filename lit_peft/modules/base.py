@@ -9,10 +9,12 @@ cache hooks in there) and before any distributed wrapping, so it also runs for `
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -20,6 +22,26 @@ from torch import nn
 from ..adapters import AdapterStrategy, count_parameters
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
+
+
+def rng_states() -> dict:
+    """The random states of torch (CPU and CUDA), numpy and Python, as tensors and plain Python values only, so a
+    checkpoint holding them still loads with ``torch.load(weights_only=True)``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "python": random.getstate()}
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 def warmup_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -125,6 +147,16 @@ class AdaptedModule(L.LightningModule):
             if key.startswith(prefix) and key not in keep:
                 del state[key]
         return state
+
+    # -- exact resume --------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the random state (BOFT's multiplicative dropout and LoRA's dropout draw from it), so a resumed run
+        continues with the same random stream as an uninterrupted one."""
+        checkpoint["lit_peft_rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "lit_peft_rng_states" in checkpoint:
+            set_rng_states(checkpoint["lit_peft_rng_states"])
 
     # -- optimisation --------------------------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:

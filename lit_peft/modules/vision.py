@@ -79,6 +79,13 @@ class ViTClassifier(AdaptedModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        if data_classes is not None and data_classes != self.num_classes:
+            raise ValueError(f"model.num_classes={self.num_classes} but the data ({type(datamodule).__name__}) has "
+                             f"{data_classes} classes; set model.init_args.num_classes: {data_classes}")
+
     def head_names(self) -> list[str]:
         head = self.model.get_classifier()
         return [name for name, module in self.model.named_modules() if module is head and name]
