@@ -13,6 +13,7 @@ Steps (global rank 0 writes, the other ranks wait):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -56,12 +57,19 @@ class MergeAdapters(L.Callback):
         tolerance: largest relative difference (max-abs over max-abs) of merged vs adapted outputs on the check
             batch; a larger one raises :class:`MergeCheckError` and nothing is written.
         check: run the one-batch check.
+        weights: ``"final"`` merges the weights at the end of fit (the BOFT VTAB protocol); ``"best"`` first loads
+            the best checkpoint of the trainer's ``ModelCheckpoint`` into the module (the SVFT few-shot protocol
+            reports the best-validation checkpoint), so the module then holds those weights.
     """
 
-    def __init__(self, output_dir: str | None = None, tolerance: float = 1e-4, check: bool = True):
+    def __init__(self, output_dir: str | None = None, tolerance: float = 1e-4, check: bool = True,
+                 weights: Literal["final", "best"] = "final"):
+        if weights not in ("final", "best"):
+            raise ValueError(f"weights must be 'final' or 'best', got {weights!r}")
         self.output_dir = output_dir
         self.tolerance = tolerance
         self.check = check
+        self.weights = weights
         self.last_difference: float | None = None
         self.written: Path | None = None
 
@@ -76,6 +84,8 @@ class MergeAdapters(L.Callback):
             rank_zero_info("MergeAdapters: the model has no adapter; nothing to merge")
             return
         folder = self.resolve_dir(trainer)
+        if self.weights == "best":
+            self._load_best(trainer, pl_module)
         state = merged_state_dict(pl_module.model)  # every rank takes part in gathering sharded tensors
         if trainer.is_global_zero:
             plain = pl_module.build_plain_model()
@@ -91,6 +101,17 @@ class MergeAdapters(L.Callback):
                            f"{folder}" + ("" if self.last_difference is None else
                                           f"; merged vs adapted relative difference {self.last_difference:.2e}"))
         trainer.strategy.barrier("merge_adapters")
+
+    @staticmethod
+    def _load_best(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        callback = trainer.checkpoint_callback
+        best = getattr(callback, "best_model_path", "") if callback is not None else ""
+        if not best:
+            raise ValueError("MergeAdapters(weights='best') needs a ModelCheckpoint that monitors a metric and saved "
+                             "a best checkpoint; none was found")
+        checkpoint = torch.load(best, map_location=pl_module.device, weights_only=False)
+        pl_module.load_state_dict(checkpoint["state_dict"], strict=False)
+        rank_zero_info(f"MergeAdapters: merging the best checkpoint {best}")
 
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule, plain: torch.nn.Module) -> None:
         batch = first_batch(trainer)

@@ -1,0 +1,397 @@
+"""The shipped configs, the VTAB sweep generator and the results collector.
+
+(a) every YAML under ``configs/`` parses with the CLI (``fit --print_config``, in-process, nothing downloaded: sockets
+    are refused and ``timm.create_model`` must not run), and the paper configs keep the house style (first-line
+    comment, explicit integer seed, every argument spelled out);
+(b) ``scripts/vtab_sweep.py`` writes 19 configs per method with the paper's per-task lrs and the tasks' class counts,
+    and what it writes (with its per-seed overrides) parses;
+(c) ``scripts/collect_results.py`` turns fake ``metrics.csv`` files into the table beside the paper's numbers;
+(d) the paper configs' adapters have the papers' parameter counts (backbones built on the ``meta`` device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import io
+import shlex
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+
+from lit_peft.adapters import count_parameters, resolve_targets
+from lit_peft.adapters.svft import support_size
+from lit_peft.cli import main as cli_main
+from lit_peft.data import FEWSHOT_DATASETS, VTAB_TASKS
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
+PAPER_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name.startswith(("vtab_", "fewshot_")))
+ADAMW_KEYS = {"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable", "differentiable",
+              "fused"}
+#: Arguments that only some supported Lightning versions have, so a shipped config cannot spell them out.
+VERSION_DEPENDENT = {"save_on_exception"}
+REAL_CREATE_MODEL = timm.create_model  # the no_downloads fixture replaces timm.create_model while configs parse
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_lit_peft_script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = load_script("vtab_sweep")
+collect = load_script("collect_results")
+
+
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch):
+    """Parsing a config must not reach the network nor build a model."""
+
+    def refuse_connect(self, *args, **kwargs):
+        raise AssertionError(f"network access while parsing a config: {args}")
+
+    def refuse_model(*args, **kwargs):
+        raise AssertionError(f"timm.create_model{args} called while parsing a config")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse_connect)
+    monkeypatch.setattr(timm, "create_model", refuse_model)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sys, "argv", ["lit_peft"])  # LightningCLI warns when sys.argv and args both carry arguments
+
+
+def print_config(*args: str) -> dict:
+    """``lit_peft fit <args> --print_config`` in-process; the printed (complete) config."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exc:
+        cli_main(["fit", *args, "--print_config"])
+    assert exc.value.code in (0, None), f"{args}: exit {exc.value.code}\n{out.getvalue()[-2000:]}"
+    return yaml.safe_load(out.getvalue())
+
+
+def raw(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def config_args(path: Path) -> list[str]:
+    """A config without a ``model`` is an overlay (e.g. a strategy): parse it on top of the demo config."""
+    if "model" in (raw(path) or {}):
+        return ["--config", str(path)]
+    return ["--config", str(CONFIGS / "demo.yaml"), "--config", str(path)]
+
+
+def missing_keys(written, full, where: str) -> list[str]:
+    """Keys of ``class_path``/``init_args`` blocks that the printed config has and the written one leaves out."""
+    problems = []
+    if isinstance(full, dict) and isinstance(written, dict):
+        if "class_path" in full and "init_args" in full:
+            have = set((written.get("init_args") or {}))
+            for key in full["init_args"]:
+                if key not in have and key not in VERSION_DEPENDENT:
+                    problems.append(f"{where}.init_args.{key} ({full['class_path']})")
+        for key, value in full.items():
+            if key in written:
+                problems += missing_keys(written[key], value, f"{where}.{key}")
+    elif isinstance(full, list) and isinstance(written, list) and len(full) == len(written):
+        for i, (w, f) in enumerate(zip(written, full)):
+            problems += missing_keys(w, f, f"{where}[{i}]")
+    return problems
+
+
+# -- (a) the shipped configs ----------------------------------------------------------------------------------------
+
+
+def test_paper_configs_exist():
+    names = {p.name for p in PAPER_CONFIGS}
+    expected = {"vtab_boft.yaml", "vtab_oft.yaml", "vtab_lora.yaml", "vtab_svft.yaml", "fewshot_svft_plain.yaml",
+                "fewshot_svft_banded.yaml", "fewshot_svft_random.yaml", "fewshot_svft_top_k.yaml",
+                "fewshot_lora.yaml", "fewshot_vera.yaml", "fewshot_boft.yaml"}
+    assert expected <= names, expected - names
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_config_parses(path):
+    config = print_config(*config_args(path))
+    assert config["model"]["class_path"]
+    seed = config["seed_everything"]
+    assert isinstance(seed, int) and not isinstance(seed, bool), f"seed_everything must be an explicit int: {seed!r}"
+
+
+def test_bare_config_name_resolves_to_configs_folder():
+    config = print_config("--config", "vtab_boft.yaml")
+    assert config["data"]["init_args"]["task"] == "cifar100"
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.name)
+def test_paper_config_house_style(path):
+    text = path.read_text(encoding="utf-8")
+    first = text.splitlines()[0]
+    assert first.startswith("# ") and ("Table" in first or "table" in first), f"first line must name the table: {first}"
+    written = raw(path)
+    seed = written["seed_everything"]
+    assert isinstance(seed, int) and not isinstance(seed, bool)
+    trainer = written["trainer"]
+    assert trainer["precision"] == "bf16-mixed" and trainer["accelerator"] == "auto" and trainer["devices"] == 1
+    assert trainer["logger"]["class_path"] == "lightning.pytorch.loggers.CSVLogger"
+    model = written["model"]["init_args"]
+    assert model["pretrained"] is True and model["img_size"] == 224
+    optimizer = model["optimizer"]
+    assert optimizer["class_path"] == "torch.optim.AdamW"
+    assert set(optimizer["init_args"]) == ADAMW_KEYS
+    full = print_config("--config", str(path))
+    problems = missing_keys(written, full, "config")
+    assert not problems, f"{path.name}: not spelled out: {problems}"
+    callbacks = [c["class_path"].rsplit(".", 1)[1] for c in trainer["callbacks"]]
+    assert "MergeAdapters" in callbacks
+    adapter = model["adapter"]["class_path"].rsplit(".", 1)[1]
+    assert ("SVDCache" in callbacks) == (adapter == "SVFT")
+    assert ("OrthogonalityCheck" in callbacks) == (adapter in ("BOFT", "OFT"))
+
+
+@pytest.mark.parametrize("path", [p for p in PAPER_CONFIGS if p.name.startswith("vtab_")], ids=lambda p: p.name)
+def test_vtab_protocol(path):
+    c = raw(path)
+    model, data, trainer = c["model"]["init_args"], c["data"]["init_args"], c["trainer"]
+    assert c["test_after_fit"] == "final"
+    assert model["backbone"] == "vit_large_patch14_dinov2"
+    assert model["num_classes"] == VTAB_TASKS[data["task"]] and data["task"] == "cifar100" and data["final"] is True
+    assert trainer["max_epochs"] == 30 and data["batch_size"] == 64 and data["img_size"] == 224
+    assert model["optimizer"]["init_args"]["weight_decay"] == 0.02
+    assert model["lr_schedule"] == "cosine" and model["warmup_ratio"] == 0.1
+    adapter = model["adapter"]["init_args"]
+    assert adapter["target_modules"] == ["qkv", "proj", "fc1", "fc2"] and adapter["fused_qkv"] == "split"
+    expected_lr = {"vtab_boft.yaml": sweep.task_lr("boft_m2b8", "cifar100"),
+                   "vtab_oft.yaml": sweep.task_lr("oft_b16", "cifar100"),
+                   "vtab_lora.yaml": sweep.task_lr("lora_r4", "cifar100"), "vtab_svft.yaml": 5e-2}[path.name]
+    assert model["optimizer"]["init_args"]["lr"] == pytest.approx(expected_lr)
+
+
+@pytest.mark.parametrize("path", [p for p in PAPER_CONFIGS if p.name.startswith("fewshot_")], ids=lambda p: p.name)
+def test_fewshot_protocol(path):
+    c = raw(path)
+    model, data, trainer = c["model"]["init_args"], c["data"]["init_args"], c["trainer"]
+    assert c["test_after_fit"] == "best"
+    assert model["backbone"] == "vit_base_patch16_224.augreg_in21k"
+    assert model["num_classes"] == FEWSHOT_DATASETS[data["dataset"]]
+    assert (data["shots"], data["val_shots"], data["seed"], data["batch_size"]) == (10, 2, 42, 64)
+    assert trainer["max_epochs"] == 10 and model["head_lr"] == 4e-3
+    assert model["optimizer"]["init_args"]["weight_decay"] == 0.01
+    assert model["lr_schedule"] == "linear" and model["warmup_ratio"] == 0.1
+    assert model["adapter"]["init_args"]["target_modules"] == ["qkv.q", "qkv.v"]
+    checkpoint = [cb for cb in trainer["callbacks"] if cb["class_path"].endswith("ModelCheckpoint")]
+    assert len(checkpoint) == 1
+    assert {k: checkpoint[0]["init_args"][k] for k in ("monitor", "mode", "save_top_k")} == {
+        "monitor": "val_acc", "mode": "max", "save_top_k": 1}
+    adapter = model["adapter"]
+    if adapter["class_path"].endswith("SVFT"):
+        pattern = adapter["init_args"]["pattern"]
+        lr = model["optimizer"]["init_args"]["lr"]
+        assert lr == (5e-2 if pattern == "plain" else 5e-3)
+        if pattern != "plain":
+            assert adapter["init_args"]["off_diag"] == 4
+
+
+# -- (d) parameter counts against the papers ------------------------------------------------------------------------
+
+
+def meta_backbone(model_args: dict) -> torch.nn.Module:
+    with torch.device("meta"):  # no weights: pretrained=False, and nothing is allocated
+        return REAL_CREATE_MODEL(model_args["backbone"], pretrained=False, num_classes=model_args["num_classes"],
+                                 img_size=model_args["img_size"], **(model_args["model_kwargs"] or {}))
+
+
+def adapter_params(model_args: dict) -> int:
+    """Adapter parameters of a config's adapter on its backbone (``meta`` device; SVFT counted from its support)."""
+    spec = model_args["adapter"]
+    module, name = spec["class_path"].rsplit(".", 1)
+    adapter = getattr(importlib.import_module(module), name)(**spec["init_args"])
+    model = meta_backbone(model_args)
+    if name == "SVFT":  # the SVD cannot run on meta tensors: count |Ω| (+1 gate per part when gated)
+        modules = dict(model.named_modules())
+        total = 0
+        for layer, parts in resolve_targets(model, adapter.target_modules, adapter.fused_qkv).items():
+            for start, stop in parts.values():
+                rank = min(stop - start, modules[layer].in_features)
+                total += support_size(rank, adapter.pattern, adapter.off_diag) + (adapter.init == "gated")
+        return total
+    adapter.apply(model)
+    return count_parameters(model)["adapter"]
+
+
+PAPER_PARAMS = {  # experiments.md: (config, rounding unit, printed value)
+    "vtab_boft.yaml": (1e6, 1.99), "vtab_oft.yaml": (1e6, 2.10), "vtab_lora.yaml": (1e6, 1.77),
+    "fewshot_lora.yaml": (1e3, 294.9), "fewshot_vera.yaml": (1e3, 24.6), "fewshot_svft_plain.yaml": (1e3, 18.5),
+    "fewshot_svft_banded.yaml": (1e3, 165.4), "fewshot_svft_random.yaml": (1e3, 165.4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
+def test_paper_parameter_counts(name):
+    unit, printed = PAPER_PARAMS[name]
+    count = adapter_params(raw(CONFIGS / name)["model"]["init_args"])
+    assert round(count / unit, 2 if unit == 1e6 else 1) == printed, f"{name}: {count:,}"
+
+
+@pytest.mark.parametrize("method,printed", [("boft_m4b4", 1.77), ("boft_m6b2", 1.11)])
+def test_sweep_parameter_counts(method, printed, tmp_path):
+    written = sweep.write_configs([method], tmp_path, tasks=["cifar100"])
+    count = adapter_params(raw(written[method][0])["model"]["init_args"])
+    assert round(count / 1e6, 2) == printed, f"{method}: {count:,}"
+
+
+# -- (b) the sweep generator ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    return out, sweep.write_configs(list(sweep.METHODS), out, seed=0, data_root="/data/vtab-1k")
+
+
+def test_sweep_task_order_matches_lit_peft():
+    assert sweep.TASK_ORDER == tuple(VTAB_TASKS)
+    assert collect.VTAB_TASKS == tuple(VTAB_TASKS)
+    assert set(sweep.METHODS) == {"boft_m2b8", "boft_m4b4", "boft_m6b2", "oft_b16", "lora_r4"}
+
+
+def test_sweep_writes_19_configs_per_method(swept):
+    out, written = swept
+    for method, paths in written.items():
+        assert len(paths) == 19 and len(set(paths)) == 19, method
+        assert sorted(p.stem for p in (out / "configs" / method).glob("*.yaml")) == sorted(VTAB_TASKS)
+        assert not list((out / "configs" / method).glob(".*")), "temporary files left behind"
+        for path in paths:
+            config = raw(path)
+            task = config["data"]["init_args"]["task"]
+            assert path.stem == task
+            assert config["model"]["init_args"]["num_classes"] == VTAB_TASKS[task]
+            assert config["data"]["init_args"]["data_root"] == "/data/vtab-1k"
+            assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == sweep.task_lr(method, task)
+            assert path.read_text().startswith("# BOFT paper Table 4")
+
+
+@pytest.mark.parametrize("method,task,lr", [
+    ("boft_m4b4", "svhn", 3e-3), ("boft_m4b4", "smallnorb_azi", 5e-3), ("boft_m4b4", "patch_camelyon", 1e-3),
+    ("boft_m2b8", "svhn", 3e-3), ("boft_m2b8", "dsprites_loc", 4e-3),  # m=2 b=8 uses the m=4 b=4 row
+    ("boft_m6b2", "patch_camelyon", 4e-3), ("boft_m6b2", "kitti_dist", 3e-3), ("boft_m6b2", "caltech101", 9e-4),
+    ("oft_b16", "oxford_iiit_pet", 3e-4), ("oft_b16", "dmlab", 2e-3), ("oft_b16", "smallnorb_ele", 6e-4),
+    ("lora_r4", "svhn", 1e-3),
+])
+def test_sweep_learning_rates(swept, method, task, lr):
+    out, _ = swept
+    config = raw(sweep.config_path(out, method, task))
+    assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == pytest.approx(lr, rel=0, abs=1e-12)
+
+
+def test_sweep_adapter_shapes(swept):
+    out, _ = swept
+    shapes = {"boft_m2b8": (8, 2), "boft_m4b4": (4, 4), "boft_m6b2": (2, 6)}
+    for method, (b, m) in shapes.items():
+        adapter = raw(sweep.config_path(out, method, "dtd"))["model"]["init_args"]["adapter"]
+        assert adapter["class_path"] == "lit_peft.adapters.BOFT"
+        assert (adapter["init_args"]["block_size"], adapter["init_args"]["n_butterfly_factors"]) == (b, m)
+    assert raw(sweep.config_path(out, "oft_b16", "dtd"))["model"]["init_args"]["adapter"]["init_args"][
+        "block_size"] == 16
+    lora = raw(sweep.config_path(out, "lora_r4", "dtd"))["model"]["init_args"]["adapter"]["init_args"]
+    assert (lora["rank"], lora["alpha"]) == (4, 4.0)
+
+
+@pytest.mark.parametrize("method,task,seed", [("boft_m2b8", "smallnorb_azi", 3), ("lora_r4", "sun397", 1)])
+def test_sweep_commands_parse(swept, method, task, seed):
+    out, written = swept
+    lines = sweep.commands({method: [sweep.config_path(out, method, task)]}, out, [0, seed])
+    assert len(lines) == 2
+    argv = shlex.split(lines[1])
+    assert argv[:4] == ["python", "-m", "lit_peft", "fit"]
+    config = print_config(*argv[4:])
+    assert config["seed_everything"] == seed and config["data"]["init_args"]["seed"] == seed
+    assert config["data"]["init_args"]["task"] == task
+    assert config["model"]["init_args"]["num_classes"] == VTAB_TASKS[task]
+    assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == sweep.task_lr(method, task)
+    logger = config["trainer"]["logger"]["init_args"]
+    assert Path(logger["save_dir"]) / logger["name"] == sweep.run_dir(out, method, task, seed)
+    assert Path(config["trainer"]["default_root_dir"]) == sweep.run_dir(out, method, task, seed)
+
+
+def test_sweep_cli(tmp_path, capsys):
+    assert sweep.main(["--method", "oft_b16", "--seeds", "0", "1", "2", "--out-dir", str(tmp_path), "--slurm",
+                       "--tasks", "svhn", "dmlab"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    runs = [line for line in printed if not line.startswith("#")]
+    assert len(runs) == 6 and all("--config" in line for line in runs)
+    assert printed[-1].startswith("# SLURM: sbatch --array=1-6%8")
+    assert (tmp_path / "configs" / "commands.txt").read_text().strip().splitlines() == runs
+
+
+# -- (c) the results collector --------------------------------------------------------------------------------------
+
+
+def write_metrics(folder: Path, test_acc: float | None) -> None:
+    folder.mkdir(parents=True)
+    rows = ["epoch,step,test_acc,test_loss,train_loss", "0,15,,,2.3"]
+    if test_acc is not None:
+        rows.append(f"29,480,{test_acc},0.7,")
+    (folder / "metrics.csv").write_text("\n".join(rows) + "\n")
+
+
+def table_row(text: str, start: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {start}"))
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def test_collect_vtab(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    tasks = list(VTAB_TASKS)
+    for i, task in enumerate(tasks):  # every task, two seeds: (50 + i) and (52 + i) %, mean 51 + i
+        write_metrics(runs / "boft_m2b8" / task / "seed_0" / "version_0", (50 + i) / 100)
+        write_metrics(runs / "boft_m2b8" / task / "seed_1" / "version_0", (52 + i) / 100)
+    # newest version with a test_acc wins: version_1 (90%) over version_0 (10%); version_2 crashed before testing
+    for version, acc in (("version_0", 0.10), ("version_1", 0.90), ("version_2", None)):
+        write_metrics(runs / "oft_b16" / "svhn" / "seed_0" / version, acc)
+    write_metrics(runs / "svft_banded_d2" / "dtd" / "seed_0" / "version_0", 0.5)
+
+    assert collect.main(["--table", "vtab", "--runs-dir", str(runs)]) == 0
+    text = capsys.readouterr().out
+    header = table_row(text, "method")
+    assert header[2:] == [*collect.VTAB_HEADERS, "mean"]
+    paper = table_row(text, "BOFT m=2 b=8 (paper)")
+    assert paper[2:5] == ["78.1", "92.5", "80.6"] and paper[-1] == "77.9"
+    assert table_row(text, "LoRA r=4 (paper)")[-1] == "76.6"
+    ours = table_row(text, "BOFT m=2 b=8 (ours")
+    assert "2 seeds" in ours[0]
+    assert ours[2:] == [f"{51 + i:.1f}" for i in range(19)] + [f"{sum(51 + i for i in range(19)) / 19:.1f}"]
+    oft = table_row(text, "OFT b=16 (ours")
+    svhn = 2 + tasks.index("svhn")
+    assert oft[svhn] == "90.0" and oft[-1] == "90.0 (1/19)"
+    assert all(cell == collect.DASH for j, cell in enumerate(oft[2:-1], start=2) if j != svhn)
+    assert table_row(text, "SVFT banded d=2 (ours")[2 + tasks.index("dtd")] == "50.0"
+    assert "no paper number" in text
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    order = [line.split("|")[1].strip() for line in lines]
+    assert order.index("BOFT m=2 b=8 (paper)") + 1 == order.index("BOFT m=2 b=8 (ours: boft_m2b8, 2 seeds)")
+
+
+def test_collect_fewshot(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, acc in ((42, 0.84), (123, 0.86), (3076, 0.85)):
+        write_metrics(runs / "svft_banded_d4" / "cifar100" / f"seed_{seed}" / "version_0", acc)
+    write_metrics(runs / "svft_banded_d4" / "resisc45" / "seed_42" / "version_0", 0.75)
+    text = collect.build_table(collect.TABLES["fewshot"], runs, show_std=True)
+    assert table_row(text, "SVFT banded d=4 (paper)")[2:] == ["84.65", "76.51", "99.21", "75.12", "83.87*"]
+    assert table_row(text, "LoRA r=8 (paper)")[2:6] == ["85.65", "76.13", "99.14", "74.01"]
+    ours = table_row(text, "SVFT banded d=4 (ours")
+    assert "3 seeds" in ours[0] or "1–3 seeds" in ours[0]
+    assert ours[2] == "85.00 ± 1.00" and ours[3] == ours[4] == collect.DASH and ours[5] == "75.00"
+    assert ours[6] == "80.00 (2/4)"
+    matched = collect.build_table(collect.TABLES["fewshot"], runs, paper_rows="matched")
+    assert "VeRA r=256 (paper)" not in matched and "Head only (paper)" in matched
