@@ -65,7 +65,8 @@ class SVDCache(L.Callback):
         try:
             with safe_open(str(file), framework="pt") as f:
                 meta = f.metadata() or {}
-                U, S, V = (f.get_tensor(k) for k in ("U", "S", "V"))
+                # clone: safetensors tensors are views of the memory-mapped file, which may change under us
+                U, S, V = (f.get_tensor(k).clone() for k in ("U", "S", "V"))
         except (SafetensorError, OSError, KeyError, ValueError) as err:
             rank_zero_warn(f"SVDCache: unreadable entry {file} ({err}); recomputing")
             return None
