@@ -55,15 +55,6 @@ class Stack(nn.Module):
         return x
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """These models are tiny: one intra-op thread is faster, and avoids thread thrashing on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def images():
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1234))

@@ -51,16 +51,6 @@ timm = pytest.importorskip("timm")
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The matrices here are tiny: one intra-op thread avoids thread start-up and spin costs (notably in LAPACK's
-    SVD on a busy machine), restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 F64_TOL = 1e-10
 DTYPE_TOL = {torch.float32: 1e-5, torch.bfloat16: 6e-2, torch.float16: 1e-2}
 
