@@ -1,7 +1,7 @@
 """Evaluation helpers for the LLM experiments: answer extraction and scoring (GSM-8K, MATH, the eight
 Commonsense-15K tasks) and the ``AnswerAccuracy`` metric. See :mod:`lit_peft.eval.answers`."""
 
-from lit_peft.eval.answers import (COMMONSENSE_TASKS, TASKS, canonical_task, extract_answer,
+from lit_peft.eval.answers import (COMMONSENSE_TASKS, TASKS, AnswerAccuracy, canonical_task, extract_answer,
                                    extract_commonsense_answer, extract_gsm8k_answer, extract_math_answer,
                                    gsm8k_gold, is_correct, math_answers_equal, normalize_math_answer,
                                    numbers_equal)
@@ -22,11 +22,3 @@ __all__ = [
     "numbers_equal",
 ]
 
-
-def __getattr__(name: str):
-    # AnswerAccuracy imports torchmetrics (slow); resolve it lazily so the string helpers stay import-light.
-    if name == "AnswerAccuracy":
-        from lit_peft.eval import answers
-
-        return answers.AnswerAccuracy
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
