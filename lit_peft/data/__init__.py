@@ -19,6 +19,22 @@ from lit_peft.data.vision import (
     resolve_normalization,
     sample_per_class,
 )
+from lit_peft.data.text import (
+    ALPACA_PROMPT_NO_INPUT,
+    ALPACA_PROMPT_WITH_INPUT,
+    EVAL_TASKS,
+    GLUE_TASKS,
+    IGNORE_INDEX,
+    GLUEDataModule,
+    GLUETask,
+    InstructionCollator,
+    InstructionDataModule,
+    InstructionDataset,
+    PromptCollator,
+    PromptDataset,
+    format_prompt,
+    load_split,
+)
 
 __all__ = [
     "FEWSHOT_DATASETS",
@@ -33,4 +49,18 @@ __all__ = [
     "eval_transform",
     "resolve_normalization",
     "sample_per_class",
+    "ALPACA_PROMPT_NO_INPUT",
+    "ALPACA_PROMPT_WITH_INPUT",
+    "EVAL_TASKS",
+    "GLUE_TASKS",
+    "IGNORE_INDEX",
+    "GLUEDataModule",
+    "GLUETask",
+    "InstructionCollator",
+    "InstructionDataModule",
+    "InstructionDataset",
+    "PromptCollator",
+    "PromptDataset",
+    "format_prompt",
+    "load_split",
 ]
