@@ -253,9 +253,9 @@ class BOFTLinear(AdaptedLinear):
     def _activation_part(self, part: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         y = F.linear(self._rotate(x, self.orthogonal_blocks(part, self.training), transpose=True), weight)
         scale, bias = self._scale_and_bias(part, bias, y)
-        if scale is not None:
-            y = y * scale
-        return y if bias is None else y + bias
+        if scale is None:
+            return y if bias is None else y + bias
+        return y * scale if bias is None else torch.addcmul(bias, y, scale)  # one pass for s ⊙ y + b
 
     def use_weight_side(self, x: Tensor) -> bool:
         """Whether rotating ``W`` beats rotating the activations for this input (``side="auto"``).

@@ -59,7 +59,7 @@ class LoRALinear(AdaptedLinear):
     def low_rank_output(self, part: str, x: Tensor) -> Tensor:
         adapter = self.adapters[part]
         h = F.linear(self.dropout(x), adapter.lora_A.to(x.dtype))
-        return F.linear(h, adapter.lora_B.to(x.dtype)) * self.scaling
+        return F.linear(h * self.scaling, adapter.lora_B.to(x.dtype))  # scale the rank-r intermediate, not (T, out)
 
     def adapted_rows(self, part, weight, bias, *, training):
         return weight + self.delta_weight(part, weight), bias
