@@ -8,6 +8,8 @@ Steps (global rank 0 writes, the other ranks wait):
 3. check on one batch that the plain merged model and the adapted model agree within ``tolerance``;
 4. write ``model.safetensors`` (via ``pl_module.save_merged_model``), and the adapter alone under ``adapter/``
    (``adapter.safetensors`` + ``adapter_config.json``), each to a temporary name, then renamed.
+5. call ``pl_module.export_extra(folder)`` when the module has it (lit_peft's Hugging Face modules write a ``peft``
+   adapter folder there).
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ class MergeAdapters(L.Callback):
             folder.mkdir(parents=True, exist_ok=True)
             pl_module.save_merged_model(plain, folder)
             save_adapter(pl_module.model, folder / "adapter")
+            export_extra = getattr(pl_module, "export_extra", None)
+            if callable(export_extra):
+                export_extra(folder)
             self.written = folder
             rank_zero_info(f"MergeAdapters: merged model and adapter ({get_strategy(pl_module.model)!r}) written to "
                            f"{folder}" + ("" if self.last_difference is None else

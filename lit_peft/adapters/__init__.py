@@ -9,12 +9,14 @@ from .boft import BOFT, OFT, BOFTLinear, orthogonality_error
 from .io import (adapter_state_dict, load_adapter, merge_adapters, merged_state_dict, read_adapter_config,
                  save_adapter)
 from .lora import DoRA, DoRALinear, LoRA, LoRALinear
+from .peft_export import export_peft_adapter, peft_export_problem
 from .svft import SVFT, SVFTLinear
 from .vera import VeRA, VeRALinear
 
 STRATEGIES = {cls.__name__: cls for cls in (BOFT, OFT, SVFT, LoRA, DoRA, VeRA)}
 
 __all__ = ["AdapterStrategy", "AdaptedLinear", "BOFT", "OFT", "SVFT", "LoRA", "DoRA", "VeRA", "BOFTLinear",
-           "SVFTLinear", "LoRALinear", "DoRALinear", "VeRALinear", "merge_adapters", "merged_state_dict", "save_adapter", "load_adapter",
+           "SVFTLinear", "LoRALinear", "DoRALinear", "VeRALinear", "merge_adapters", "merged_state_dict", "save_adapter",
+           "load_adapter",
            "adapter_state_dict", "read_adapter_config", "adapted_layers", "count_parameters", "resolve_targets",
-           "orthogonality_error", "STRATEGIES"]
+           "orthogonality_error", "export_peft_adapter", "peft_export_problem", "STRATEGIES"]

@@ -113,6 +113,10 @@ class AdaptedModule(L.LightningModule):
         """Write the merged plain model into ``folder`` in the backbone library's own format."""
         raise NotImplementedError
 
+    def export_extra(self, folder: Path) -> None:
+        """Optional extra exports written by ``MergeAdapters`` after the merged model and the adapter (e.g. a
+        Hugging Face ``peft`` adapter folder); nothing by default."""
+
     # -- adapting ------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self._adapted:
