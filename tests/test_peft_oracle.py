@@ -41,7 +41,7 @@ A timm ViT is adapted on ``qkv`` (``fused_qkv="joint"``: one matrix, as in peft)
 (``"attn.proj"`` rather than ``"proj"``: peft would also adapt the ``patch_embed.proj`` convolution).
 
 Most tests convert both models to float64 after adapting them. :func:`test_boft_float64_model_keeps_float64_precision`
-does not, and shows that lit_peft's BOFT adapter tensors stay float32 on a float64 model (a lit_peft defect).
+does not: BOFT applied to a float64 model must create its adapter tensors in float64 too.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from lit_peft.adapters import BOFT, OFT, DoRA, LoRA, VeRA, adapted_layers, merge_adapters  # noqa: E402
 from lit_peft.adapters.base import AdaptedLinear  # noqa: E402
 from lit_peft.adapters.vera import VeRAProjections  # noqa: E402
+from peft_cpu import CpuFastBlockDiag  # noqa: E402
 
 ADAPTER = "default"
 MLP_TARGETS = ["fc1", "fc2", "fc3"]
@@ -98,20 +99,6 @@ def make_vit() -> nn.Module:
 MODELS = {"mlp": (make_mlp, MLP_TARGETS, (3, 7, 32)), "vit": (make_vit, VIT_TARGETS, (2, 3, 32, 32))}
 
 
-# -- peft's BOFT CUDA helper -------------------------------------------------------------------------------------
-class CpuFastBlockDiag:
-    """CPU stand-in for peft's ``fbd_cuda`` extension: ``(N, D, H, H)`` blocks -> ``(N, D·H, D·H)`` block-diagonal."""
-
-    @staticmethod
-    def forward(blocks):
-        return [torch.stack([torch.block_diag(*factor) for factor in blocks])]
-
-    @staticmethod
-    def backward(grad_output, blocks):
-        n, d, h, _ = blocks.shape
-        grad = grad_output.reshape(n, d, h, d, h)
-        idx = torch.arange(d)
-        return [grad[:, idx, :, idx, :].permute(1, 0, 2, 3).contiguous()]
 
 
 @pytest.fixture
