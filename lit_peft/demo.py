@@ -76,7 +76,7 @@ class DigitsDemoClassifier(ViTClassifier):
     """
 
     def __init__(self, pretrain_classes: list[int] = [0, 1, 2, 3, 4],  # noqa: B006 - the config schema
-                 pretrain_epochs: int = 25, cache_dir: str = "~/.cache/lit_peft/demo", seed: int = 0, **kwargs):
+                 pretrain_epochs: int = 60, cache_dir: str = "~/.cache/lit_peft/demo", seed: int = 0, **kwargs):
         if kwargs.pop("checkpoint_path", None) is not None or kwargs.pop("pretrained", False):
             raise ValueError("DigitsDemoClassifier builds its own pretrained backbone; leave checkpoint_path and "
                              "pretrained unset (use ViTClassifier for other weights)")
