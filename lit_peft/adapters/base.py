@@ -102,16 +102,20 @@ class AdaptedLinear(nn.Module):
         """
         raise NotImplementedError
 
-    def adapted_weight(self) -> tuple[Tensor, Tensor | None]:
-        """The full adapted ``(W', b')`` for a forward pass (autograd flows into the adapter tensors)."""
+    def _assemble(self, weight: Tensor, bias: Tensor | None, training: bool) -> tuple[Tensor, Tensor | None]:
+        """``(W', b')`` from the full base ``weight``/``bias``: adapted parts through :meth:`adapted_rows`."""
         weights, biases = [], []
         for part, start, stop in self.row_blocks():
-            w, b = self.base_rows(start, stop)
+            w, b = weight[start:stop], None if bias is None else bias[start:stop]
             if part is not None:
-                w, b = self.adapted_rows(part, w, b, training=self.training)
+                w, b = self.adapted_rows(part, w, b, training=training)
             weights.append(w)
             biases.append(b)
         return _cat_rows(weights, biases, self.row_blocks())
+
+    def adapted_weight(self) -> tuple[Tensor, Tensor | None]:
+        """The full adapted ``(W', b')`` for a forward pass (autograd flows into the adapter tensors)."""
+        return self._assemble(self.weight, self.bias, self.training)
 
     def forward_weight_side(self, x: Tensor) -> Tensor:
         weight, bias = self.adapted_weight()
@@ -130,17 +134,9 @@ class AdaptedLinear(nn.Module):
     def merged_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing what this layer computes in eval mode (merged in >= float32)."""
         weight = full_tensor(self.weight)
-        bias = None if self.bias is None else full_tensor(self.bias)
         work = compute_dtype(weight.dtype)
-        weights, biases = [], []
-        for part, start, stop in self.row_blocks():
-            w = weight[start:stop].to(work)
-            b = None if bias is None else bias[start:stop].to(work)
-            if part is not None:
-                w, b = self.adapted_rows(part, w, b, training=False)
-            weights.append(w)
-            biases.append(b)
-        merged_w, merged_b = _cat_rows(weights, biases, self.row_blocks())
+        bias = None if self.bias is None else full_tensor(self.bias).to(work)
+        merged_w, merged_b = self._assemble(weight.to(work), bias, training=False)
         linear = nn.Linear(self.in_features, self.out_features, bias=merged_b is not None,
                            device=merged_w.device, dtype=weight.dtype)
         linear.weight.copy_(merged_w)
