@@ -21,8 +21,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_peft.adapters import merged_state_dict, save_adapter
-from lit_peft.adapters.io import get_strategy
+from lit_peft.adapters import merged_state_dict
+from lit_peft.adapters.io import adapter_config, adapter_state_dict, get_strategy, write_adapter
 
 
 class MergeCheckError(RuntimeError):
@@ -88,18 +88,22 @@ class MergeAdapters(L.Callback):
         folder = self.resolve_dir(trainer)
         if self.weights == "best":
             self._load_best(trainer, pl_module)
-        state = merged_state_dict(pl_module.model)  # every rank takes part in gathering sharded tensors
+        # Collectives first, on every rank: gathering FSDP2-sharded tensors and the sharded forward of the check.
+        state = merged_state_dict(pl_module.model)
+        adapter_files = (adapter_config(pl_module.model), adapter_state_dict(pl_module.model))
+        batch, adapted = self._adapted_outputs(trainer, pl_module) if self.check else (None, None)
+        sharded = getattr(pl_module, "_sharded", False)
         if trainer.is_global_zero:
             plain = pl_module.build_plain_model()
             plain.load_state_dict(state, strict=True, assign=True)
             plain.to(pl_module.device).eval()
-            if self.check:
-                self._check(trainer, pl_module, plain)
+            if adapted is not None:
+                self._compare(trainer, pl_module, plain, batch, adapted)
             folder.mkdir(parents=True, exist_ok=True)
             pl_module.save_merged_model(plain, folder)
-            save_adapter(pl_module.model, folder / "adapter")
+            write_adapter(folder / "adapter", *adapter_files)
             export_extra = getattr(pl_module, "export_extra", None)
-            if callable(export_extra):
+            if callable(export_extra) and not sharded:  # the peft export reads whole tensors on one rank
                 export_extra(folder)
             self.written = folder
             rank_zero_info(f"MergeAdapters: merged model and adapter ({get_strategy(pl_module.model)!r}) written to "
@@ -118,23 +122,26 @@ class MergeAdapters(L.Callback):
         pl_module.load_state_dict(checkpoint["state_dict"], strict=False)
         rank_zero_info(f"MergeAdapters: merging the best checkpoint {best}")
 
-    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule, plain: torch.nn.Module) -> None:
+    def _adapted_outputs(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        """One batch and the adapted model's outputs on it (every rank runs it: a sharded forward is collective)."""
         batch = first_batch(trainer)
         if batch is None:
             rank_zero_info("MergeAdapters: no batch available for the merge check; skipped")
-            return
+            return None, None
         batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
         was_training = pl_module.training
         pl_module.eval()
         try:
-            adapted = pl_module.model_outputs(pl_module.model, batch).float()
-            merged = pl_module.model_outputs(plain, batch).float()
+            return batch, pl_module.model_outputs(pl_module.model, batch).float()
         finally:
             pl_module.train(was_training)
+
+    def _compare(self, trainer: L.Trainer, pl_module: L.LightningModule, plain: torch.nn.Module, batch,
+                 adapted: torch.Tensor) -> None:
+        merged = pl_module.model_outputs(plain, batch).float()
         difference = float((merged - adapted).abs().max() / adapted.abs().max().clamp_min(1e-12))
         self.last_difference = difference
         if not difference <= self.tolerance:
             raise MergeCheckError(f"MergeAdapters: merged and adapted outputs differ by {difference:.3e} (relative), "
                                   f"more than tolerance {self.tolerance:.1e}; nothing written to "
                                   f"{self.resolve_dir(trainer)}")
-

@@ -77,10 +77,17 @@ def atomic_write(path: Path, write) -> None:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``adapter.safetensors`` and ``adapter_config.json`` into the folder ``path``; returns the folder."""
+    """Write ``adapter.safetensors`` and ``adapter_config.json`` into the folder ``path``; returns the folder.
+
+    With FSDP2-sharded parameters, gathering them is a collective: every rank must call this (or call
+    :func:`adapter_state_dict` and :func:`adapter_config` on every rank and :func:`write_adapter` on one)."""
+    return write_adapter(path, adapter_config(model), adapter_state_dict(model))
+
+
+def write_adapter(path: str | os.PathLike, config: dict, tensors: Mapping[str, Tensor]) -> Path:
+    """Write an adapter folder from an :func:`adapter_config` and an :func:`adapter_state_dict` (no collectives)."""
     folder = Path(path)
-    config = adapter_config(model)
-    tensors = {k: v.cpu() for k, v in adapter_state_dict(model).items()}
+    tensors = {k: v.cpu() for k, v in tensors.items()}
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / TENSORS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
     atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
@@ -244,5 +251,5 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["save_adapter", "load_adapter", "merge_adapters", "merged_state_dict", "adapter_state_dict", "adapter_config",
+__all__ = ["save_adapter", "write_adapter", "load_adapter", "merge_adapters", "merged_state_dict", "adapter_state_dict", "adapter_config",
            "read_adapter_config", "get_strategy", "AdaptedLinear"]

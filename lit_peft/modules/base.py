@@ -73,11 +73,16 @@ class AdaptedModule(L.LightningModule):
             stepped per optimiser step.
         warmup_ratio: fraction of the total optimiser steps spent in linear warm-up (0.1 in both papers).
         warmup_steps: absolute warm-up steps; overrides ``warmup_ratio`` when set (commonsense uses 100).
+        fsdp_reshard_after_forward: under Lightning's ``ModelParallelStrategy`` (FSDP2), passed to ``fully_shard``
+            for every shard unit: ``True`` frees each block's gathered weights after its forward and gathers them
+            again for the backward (least memory), ``False`` keeps them until the backward (less communication).
+            Ignored by every other strategy.
     """
 
     def __init__(self, adapter: AdapterStrategy | None = None, optimizer: OptimizerFactory = torch.optim.AdamW,
                  head_lr: float | None = None, head_weight_decay: float | None = None,
-                 lr_schedule: str = "cosine", warmup_ratio: float = 0.1, warmup_steps: int | None = None):
+                 lr_schedule: str = "cosine", warmup_ratio: float = 0.1, warmup_steps: int | None = None,
+                 fsdp_reshard_after_forward: bool = True):
         super().__init__()
         if lr_schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine', 'linear' or 'constant', got {lr_schedule!r}")
@@ -90,9 +95,11 @@ class AdaptedModule(L.LightningModule):
         self.lr_schedule = lr_schedule
         self.warmup_ratio = warmup_ratio
         self.warmup_steps = warmup_steps
+        self.fsdp_reshard_after_forward = fsdp_reshard_after_forward
         # Checkpoints hold the trainable tensors only (see state_dict), so loading one is never strict.
         self.strict_loading = False
         self._adapted = False
+        self._sharded = False
 
     # -- to be provided by subclasses ----------------------------------------------------------------------------
     model: nn.Module
@@ -117,8 +124,49 @@ class AdaptedModule(L.LightningModule):
         """Optional extra exports written by ``MergeAdapters`` after the merged model and the adapter (e.g. a
         Hugging Face ``peft`` adapter folder); nothing by default."""
 
+    def shard_units(self) -> list[nn.Module]:
+        """The modules that FSDP2 shards one by one (each gathers its weights for its own forward/backward): the
+        transformer blocks. By default the members of every ``nn.ModuleList``/``nn.Sequential`` inside
+        ``self.model`` whose class name ends with ``Layer`` or ``Block`` (``LlamaDecoderLayer``, ``BertLayer``,
+        timm's ``Block``), outermost first and never one inside another; subclasses may override."""
+        units: list[nn.Module] = []
+        inside: set[int] = set()
+        for module in self.model.modules():
+            if id(module) in inside or not isinstance(module, (nn.ModuleList, nn.Sequential)):
+                continue
+            members = [m for m in module if type(m).__name__.endswith(("Layer", "Block"))]
+            if members and len(members) == len(module):
+                units += members
+                inside |= {id(m) for member in members for m in member.modules()}
+        return units
+
     # -- adapting ------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
+        self._apply_adapter()
+        self._shard()
+
+    def _shard(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy``: ``fully_shard`` every shard unit, then the backbone (the
+        rest: embeddings, final norm, head) on the data-parallel mesh. Runs after the adapter is applied, so the
+        adapters' initialisation (SVFT's SVD, DoRA's norms) has seen whole weights; frozen weights are sharded too."""
+        if self._sharded or self._trainer is None:
+            return
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        units = self.shard_units()
+        for unit in units:
+            fully_shard(unit, mesh=mesh, reshard_after_forward=self.fsdp_reshard_after_forward)
+        fully_shard(self.model, mesh=mesh, reshard_after_forward=self.fsdp_reshard_after_forward)
+        self._sharded = True
+        rank_zero_info(f"lit_peft: FSDP2 over {mesh.size()} processes: {len(units)} shard units + the backbone root "
+                       f"(reshard_after_forward={self.fsdp_reshard_after_forward})")
+
+    def _apply_adapter(self) -> None:
         if self._adapted:
             return
         heads = self.head_names()

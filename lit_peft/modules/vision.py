@@ -90,6 +90,11 @@ class ViTClassifier(AdaptedModule):
         head = self.model.get_classifier()
         return [name for name, module in self.model.named_modules() if module is head and name]
 
+    def shard_units(self) -> list[torch.nn.Module]:
+        """FSDP2 shards each transformer block of the ViT (``self.model.blocks``) on its own."""
+        blocks = getattr(self.model, "blocks", None)
+        return list(blocks) if blocks is not None else super().shard_units()
+
     def plain_model_kwargs(self) -> dict[str, Any]:
         """``timm.create_model`` arguments that rebuild this backbone's architecture (no weights)."""
         kwargs = {"num_classes": self.num_classes, **self.model_kwargs}
