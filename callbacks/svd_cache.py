@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lit_peft.adapters import SVFT, resolve_targets
 from lit_peft.adapters.base import full_tensor
+from lit_peft.adapters.io import atomic_write
 from lit_peft.adapters.svft import canonical_svd
 
 CACHE_VERSION = "1"
@@ -86,14 +87,9 @@ class SVDCache(L.Callback):
     def store(self, weight: Tensor, dtype: torch.dtype, svd: tuple[Tensor, Tensor, Tensor]) -> None:
         key = self.key(weight, dtype)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        final = self.path(key)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         tensors = {k: t.detach().cpu().contiguous() for k, t in zip("USV", svd)}
-        try:
-            save_file(tensors, str(tmp), metadata={"key": key, "shape": f"{tuple(weight.shape)}", "dtype": str(dtype)})
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+        metadata = {"key": key, "shape": f"{tuple(weight.shape)}", "dtype": str(dtype)}
+        atomic_write(self.path(key), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     def get_or_compute(self, name: str, weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """What SVFT calls for each adapted weight (installed as ``SVFT.svd_provider``)."""

@@ -138,23 +138,11 @@ def _lit(strategy_factory, targets=TARGETS):
 
 
 def _cached_svd(directory: str):
-    """An SVFT ``svd_provider`` that keeps each SVD in ``directory`` (every row uses the same seeded base model,
-    so the rows after the first SVFT row skip the SVDs; building a model is not part of the timed step)."""
-    import hashlib
+    """An SVFT ``svd_provider`` that keeps each SVD in ``directory`` (lit_peft's SVDCache): every row uses the same
+    seeded base model, so the rows after the first SVFT row skip the SVDs (building a model is not timed)."""
+    from lit_peft.callbacks import SVDCache
 
-    from lit_peft.adapters.svft import canonical_svd
-
-    def provider(name, weight, dtype):
-        digest = hashlib.sha1(weight.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-        path = os.path.join(directory, f"{name}-{digest}-{str(dtype).removeprefix('torch.')}.pt")
-        if os.path.exists(path):
-            return tuple(t.to(weight.device) for t in torch.load(path))
-        svd = canonical_svd(weight, dtype)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        torch.save(tuple(t.cpu() for t in svd), tmp)
-        os.replace(tmp, path)
-        return svd
-    return provider
+    return SVDCache(directory).get_or_compute
 
 
 def _side_notes(model, args) -> list[str]:

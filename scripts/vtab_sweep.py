@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import shlex
 import sys
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -97,16 +95,10 @@ def check_tasks() -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``."""
+    from lit_peft.adapters.io import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def run_dir(out_dir: Path, method: str, task: str, seed: int) -> Path:
