@@ -13,10 +13,8 @@ from .peft_export import export_peft_adapter, peft_export_problem
 from .svft import SVFT, SVFTLinear
 from .vera import VeRA, VeRALinear
 
-STRATEGIES = {cls.__name__: cls for cls in (BOFT, OFT, SVFT, LoRA, DoRA, VeRA)}
-
 __all__ = ["AdapterStrategy", "AdaptedLinear", "BOFT", "OFT", "SVFT", "LoRA", "DoRA", "VeRA", "BOFTLinear",
            "SVFTLinear", "LoRALinear", "DoRALinear", "VeRALinear", "merge_adapters", "merged_state_dict", "save_adapter",
            "load_adapter",
            "adapter_state_dict", "read_adapter_config", "adapted_layers", "count_parameters", "resolve_targets",
-           "orthogonality_error", "export_peft_adapter", "peft_export_problem", "STRATEGIES"]
+           "orthogonality_error", "export_peft_adapter", "peft_export_problem"]

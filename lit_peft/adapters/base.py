@@ -313,8 +313,6 @@ class AdapterStrategy:
             ``"joint"`` adapts the fused matrix as one.
     """
 
-    layer_class: type[AdaptedLinear] = AdaptedLinear
-
     def __init__(self, target_modules: TargetSpec = "all-linear", trainable_modules: Sequence[str] = (),
                  fused_qkv: Literal["split", "joint"] = "split"):
         self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)

@@ -302,8 +302,6 @@ class BOFT(AdapterStrategy):
         target_modules, trainable_modules, fused_qkv: see :class:`~lit_peft.adapters.base.AdapterStrategy`.
     """
 
-    layer_class = BOFTLinear
-
     def __init__(self, block_size: int = 8, n_butterfly_factors: int = 2, dropout: float = 0.0,
                  scale: bool = True, train_bias: bool = False, cayley: Literal["exact", "neumann"] = "exact",
                  neumann_terms: int = 5, side: Literal["auto", "activation", "weight"] = "auto",

@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .base import AdaptedLinear, AdapterStrategy, adapted_layers, count_parameters, full_tensor, resolve_targets
+from .base import AdapterStrategy, adapted_layers, count_parameters, full_tensor, resolve_targets
 
 FORMAT = "lit_peft.adapter"
 FORMAT_VERSION = 1
@@ -252,4 +252,4 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["save_adapter", "write_adapter", "load_adapter", "merge_adapters", "merged_state_dict", "adapter_state_dict", "adapter_config",
-           "read_adapter_config", "get_strategy", "AdaptedLinear"]
+           "read_adapter_config", "get_strategy", "write_adapter"]

@@ -237,8 +237,6 @@ class SVFT(AdapterStrategy):
         target_modules, trainable_modules, fused_qkv: see :class:`~lit_peft.adapters.base.AdapterStrategy`.
     """
 
-    layer_class = SVFTLinear
-
     def __init__(self, pattern: Pattern = "plain", off_diag: int = 2, init: Literal["zero", "gated"] = "zero",
                  seed: int = 0, svd_dtype: Literal["float32", "float64"] = "float32",
                  side: Literal["auto", "activation", "weight"] = "auto", target_modules: TargetSpec = "all-linear",
