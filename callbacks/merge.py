@@ -8,8 +8,8 @@ Steps (global rank 0 writes, the other ranks wait):
 3. check on one batch that the plain merged model and the adapted model agree within ``tolerance``;
 4. write ``model.safetensors`` (via ``pl_module.save_merged_model``), and the adapter alone under ``adapter/``
    (``adapter.safetensors`` + ``adapter_config.json``), each to a temporary name, then renamed.
-5. call ``pl_module.export_extra(folder)`` when the module has it (lit_peft's Hugging Face modules write a ``peft``
-   adapter folder there).
+5. call ``pl_module.export_extra(folder, adapter_tensors)`` when the module has it (lit_peft's Hugging Face modules
+   write a ``peft`` adapter folder there, from the adapter tensors gathered in step 4, also under FSDP2).
 """
 
 from __future__ import annotations
@@ -89,22 +89,23 @@ class MergeAdapters(L.Callback):
         if self.weights == "best":
             self._load_best(trainer, pl_module)
         # Collectives first, on every rank: gathering FSDP2-sharded tensors and the sharded forward of the check.
-        state = merged_state_dict(pl_module.model)
-        adapter_files = (adapter_config(pl_module.model), adapter_state_dict(pl_module.model))
+        # Rank 0 alone keeps the merged state (on the CPU); the others get {} (see merged_state_dict).
+        with pl_module.full_weights() as keep:  # FSDP1 gathers its flat shards here, FSDP2's DTensors themselves
+            state = keep(merged_state_dict(pl_module.model))
+            adapter_files = (adapter_config(pl_module.model), keep(adapter_state_dict(pl_module.model)))
         batch, adapted = self._adapted_outputs(trainer, pl_module) if self.check else (None, None)
-        sharded = getattr(pl_module, "_sharded", False)
         if trainer.is_global_zero:
             plain = pl_module.build_plain_model()
             plain.load_state_dict(state, strict=True, assign=True)
             plain.to(pl_module.device).eval()
             if adapted is not None:
-                self._compare(trainer, pl_module, plain, batch, adapted)
+                self._compare(folder, pl_module, plain, batch, adapted)
             folder.mkdir(parents=True, exist_ok=True)
             pl_module.save_merged_model(plain, folder)
             write_adapter(folder / "adapter", *adapter_files)
             export_extra = getattr(pl_module, "export_extra", None)
-            if callable(export_extra) and not sharded:  # the peft export reads whole tensors on one rank
-                export_extra(folder)
+            if callable(export_extra):  # from the gathered adapter tensors: no collective on rank 0 alone
+                export_extra(folder, adapter_files[1])
             self.written = folder
             rank_zero_info(f"MergeAdapters: merged model and adapter ({get_strategy(pl_module.model)!r}) written to "
                            f"{folder}" + ("" if self.last_difference is None else
@@ -119,7 +120,7 @@ class MergeAdapters(L.Callback):
             raise ValueError("MergeAdapters(weights='best') needs a ModelCheckpoint that monitors a metric and saved "
                              "a best checkpoint; none was found")
         checkpoint = torch.load(best, map_location=pl_module.device, weights_only=False)
-        pl_module.load_state_dict(checkpoint["state_dict"], strict=False)
+        pl_module.load_trained_state(checkpoint["state_dict"])
         rank_zero_info(f"MergeAdapters: merging the best checkpoint {best}")
 
     def _adapted_outputs(self, trainer: L.Trainer, pl_module: L.LightningModule):
@@ -132,16 +133,17 @@ class MergeAdapters(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            return batch, pl_module.model_outputs(pl_module.model, batch).float()
+            return batch, pl_module.adapted_outputs(batch).float()
         finally:
             pl_module.train(was_training)
 
-    def _compare(self, trainer: L.Trainer, pl_module: L.LightningModule, plain: torch.nn.Module, batch,
+    def _compare(self, folder: Path, pl_module: L.LightningModule, plain: torch.nn.Module, batch,
                  adapted: torch.Tensor) -> None:
+        """On rank 0 alone, so no ``trainer.log_dir`` here (a broadcast under DDP: the other ranks would hang)."""
         merged = pl_module.model_outputs(plain, batch).float()
         difference = float((merged - adapted).abs().max() / adapted.abs().max().clamp_min(1e-12))
         self.last_difference = difference
         if not difference <= self.tolerance:
             raise MergeCheckError(f"MergeAdapters: merged and adapted outputs differ by {difference:.3e} (relative), "
                                   f"more than tolerance {self.tolerance:.1e}; nothing written to "
-                                  f"{self.resolve_dir(trainer)}")
+                                  f"{folder}")

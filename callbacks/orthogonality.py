@@ -1,12 +1,13 @@
 """``OrthogonalityCheck``: watch ``max ‖QᵀQ − I‖_F`` over every BOFT/OFT block during training.
 
 Exact Cayley blocks are orthogonal to rounding error; the check catches the Neumann series drifting (large
-``‖A‖``), low-precision storage, or a bug. It reads the parameters outside ``forward`` through ``full_tensor``, so
-it works on FSDP2-sharded parameters (every rank takes part in the gather).
+``‖A‖``), low-precision storage, or a bug. It reads the parameters outside ``forward``: FSDP2-sharded ones through
+``full_tensor``, FSDP1's flat shards inside the module's ``full_weights()`` (every rank takes part in the gather).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import lightning as L
@@ -47,7 +48,8 @@ class OrthogonalityCheck(L.Callback):
             rank_zero_info(f"OrthogonalityCheck: the adapter is {adapter}, which has no orthogonal blocks; not checking")
 
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
-        error = orthogonality_error(pl_module)
+        with getattr(pl_module, "full_weights", contextlib.nullcontext)():  # FSDP1: gathers the flat shards
+            error = orthogonality_error(pl_module)
         self.last_error = error
         pl_module.log("orthogonality_error", error, on_step=True, on_epoch=False)
         if error > self.tolerance:

@@ -1,4 +1,4 @@
-from lit_peft.cli import main
+from lit_peft.cli import entry_point
 
 if __name__ == "__main__":
-    main()
+    entry_point()

@@ -78,3 +78,12 @@ def main(args: Sequence[str] | None = None) -> LitPeftCLI:
         save_config_kwargs={"overwrite": True},
         args=resolve_config_args(sys.argv[1:] if args is None else args),
     )
+
+
+def entry_point() -> None:
+    """``python -m lit_peft`` and the ``lit-peft`` command: :func:`main` under torchelastic's ``record``, so a rank's
+    exception reaches torchrun's failure summary (its traceback in place of "error_file: <N/A>"), and returning
+    ``None``, not the CLI object, which a console script would pass to ``sys.exit`` as a failure."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(main)()

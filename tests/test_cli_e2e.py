@@ -57,7 +57,9 @@ def model_args(adapter: dict) -> dict:
 
 
 def write_config(tmp: Path, data_root: Path, adapter: dict, max_epochs: int = 2, callbacks: list | None = None,
-                 name: str = "run") -> Path:
+                 name: str = "run", model: dict | None = None, data: dict | None = None) -> Path:
+    """A fit config for the tiny ViT on the VTAB task under ``data_root``; ``model`` / ``data`` (``class_path`` +
+    ``init_args``) replace those sections (then ``adapter`` / ``data_root`` are unused)."""
     config = {
         "seed_everything": 0,
         "test_after_fit": "final",
@@ -75,15 +77,21 @@ def write_config(tmp: Path, data_root: Path, adapter: dict, max_epochs: int = 2,
                  "init_args": {"task": TASK, "data_root": str(data_root), "img_size": 32, "batch_size": 4,
                                "num_workers": 0, "final": False, "seed": 0}},
     }
+    config["model"] = model or config["model"]
+    config["data"] = data or config["data"]
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
+def cli_env(**extra: str) -> dict:
+    """The environment of a ``python -m lit_peft`` subprocess: this checkout importable, one thread, offline."""
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
+
+
 def run_cli(*args: str, cwd: Path) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "lit_peft", *args], cwd=cwd, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "lit_peft", *args], cwd=cwd, env=cli_env(), capture_output=True,
                           text=True, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]

@@ -1,25 +1,29 @@
 """Single process vs DDP vs FSDP2 (``ModelParallelStrategy``), each through ``python -m lit_peft fit`` on the tiny ViT
 and generated VTAB-layout data of ``test_cli_e2e``: 2 CPU processes with gloo, the shipped ``configs/strategy``
-overlays, BOFT (dropout 0) and SVFT.
+overlays, BOFT (with multiplicative dropout) and SVFT.
 
-The runs are equivalent by construction: one process with ``batch_size=8`` against two with ``batch_size=4`` each,
-on 8 training images, so every step is the whole training set (full-batch) whatever order the samplers produce.
-That is deliberate: Lightning treats our training loader as shuffled and wraps its ``EpochShuffleSampler`` in a
-``DistributedSamplerWrapper(shuffle=True, seed=PL_GLOBAL_SEED)``, which shuffles the epoch order a second time before
-splitting it by rank, so with more than one step per epoch the multi-process batches differ from the single
-process's (still deterministic per ``(seed, epoch)``). Per-sample fingerprints check that the ranks' batches
-together are the single process's batch. With equal per-rank batch sizes the gradient averaged over ranks is the
-gradient of the global mean loss, so the per-step losses (mean over ranks) and the merged weights must agree up to
-float summation order: 1e-4 relative for the losses; merged and trained tensors within 5e-4 absolute (the weights
-agree to ~1e-7, but AdamW's normalisation turns summation-order noise in near-zero bias gradients into ~1e-4 steps).
-``train_loss`` in ``metrics.csv`` is rank 0's alone, so a callback records every rank's loss.
+One process with ``batch_size=8`` against two with ``batch_size=4`` each, on 16 training images: 2 steps per epoch,
+3 epochs. The training sampler (``EpochShuffleSampler``) is a ``DistributedSampler`` that shards the single process's
+per-epoch permutation itself (so Lightning does not wrap it in a reshuffling sampler): the ranks' batches ``k``
+together are the single process's batch ``k``, which per-sample fingerprints check. BOFT's dropout masks the
+weight-side rotation with blocks drawn from the global RNG, which ``seed_everything`` seeds alike on every rank and
+every rank draws from identically, so all ranks drop the single process's blocks. With equal per-rank batch sizes the
+gradient averaged over ranks is the gradient of the global mean loss, so the per-step losses (mean over ranks) and the
+merged weights must agree up to float summation order: 1e-4 relative for the losses; merged and trained tensors
+within 5e-4 absolute (the weights agree to ~1e-7, but AdamW's normalisation turns summation-order noise in near-zero
+bias gradients into ~1e-4 steps). A callback records every rank's loss; ``train_loss`` in ``metrics.csv`` is logged
+with ``sync_dist``, so it is their mean.
+
+Mid-epoch resume under DDP and FSDP2: a run that fails after step 3 of 6 (epoch 1's first batch) and is resumed with
+``--ckpt_path`` from its step-3 checkpoint continues with the uninterrupted run's batches and losses and ends with its
+weights (the training loader's position inside the epoch is in the checkpoint: ``ResumableLoader``).
 
 ``MergeAdapters`` runs in every run: under FSDP2 every rank takes part in gathering the shards and in the check's
 sharded forward, and rank 0 alone writes (a rank that skipped the collectives would hang the job).
 """
-
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -28,7 +32,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from test_cli_e2e import REPO, make_vtab_task, run_cli, write_config
+from test_cli_e2e import REPO, make_vtab_task, read_metrics, run_cli, write_config
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available() or sys.platform == "win32",
                                 reason="needs torch.distributed with gloo")
@@ -41,51 +45,68 @@ import lightning as L
 
 
 class RecordSteps(L.Callback):
-    """Per rank: the training loss of every step and a fingerprint (pixel sum) of every sample of its batch."""
+    """Per rank: the training loss of every step and a fingerprint of every sample of its batch (the sum of its
+    pixels, or of its token ids for a text batch)."""
 
     def __init__(self, folder: str):
         self.folder = folder
         self.steps = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        images, labels = batch
+        samples = batch["input_ids"] if isinstance(batch, dict) else batch[0]
         self.steps.append({"loss": float(outputs["loss"]),
-                           "samples": [round(float(s), 2) for s in images.double().flatten(1).sum(1)]})
+                           "samples": [round(float(s), 2) for s in samples.double().flatten(1).sum(1)]})
 
     def on_train_end(self, trainer, pl_module):
         path = Path(self.folder) / f"steps-rank{trainer.global_rank}.json"
         path.write_text(json.dumps(self.steps))
+
+
+class FailAfter(L.Callback):
+    """Raises on every rank once `steps` training steps are done (and checkpointed), as a crashed job would."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.steps:
+            raise RuntimeError(f"FailAfter: stopped after step {self.steps}")
 '''
 
 ADAPTERS = {
     "boft": {"class_path": "lit_peft.adapters.BOFT",
-             "init_args": {"block_size": 8, "n_butterfly_factors": 2, "dropout": 0.0, "train_bias": True,
+             "init_args": {"block_size": 8, "n_butterfly_factors": 2, "dropout": 0.1, "train_bias": True,
                            "target_modules": ["qkv", "proj", "fc1", "fc2"]}},
     "svft": {"class_path": "lit_peft.adapters.SVFT",
              "init_args": {"pattern": "banded", "off_diag": 1, "target_modules": ["qkv", "proj", "fc1", "fc2"]}},
 }
-#: name -> (extra CLI arguments, processes, per-process batch size); global batch 8 in all three
+#: name -> (extra CLI arguments, processes, per-process batch size); global batch 8 in all three: 2 steps per epoch
 RUNS = {"single": ([], 1, 8),
         "ddp": (["--config", str(REPO / "configs" / "strategy" / "ddp.yaml")], 2, 4),
         "fsdp": (["--config", str(REPO / "configs" / "strategy" / "fsdp.yaml")], 2, 4)}
 
 
-def fit(tmp: Path, data_root: Path, method: str, run: str) -> dict:
+def fit(tmp: Path, data_root: Path, method: str, run: str, name: str = "", callbacks: tuple = (),
+        args: tuple = ()) -> dict:
+    """One ``fit`` run (``name`` defaults to ``<method>-<run>``; extra ``callbacks`` configs and CLI ``args``)."""
     extra, processes, batch_size = RUNS[run]
-    record = tmp / f"{method}-{run}"
+    name = name or f"{method}-{run}"
+    record = tmp / name
     record.mkdir()
-    callbacks = [{"class_path": "recorder.RecordSteps", "init_args": {"folder": str(record)}}]
+    callbacks = [{"class_path": "recorder.RecordSteps", "init_args": {"folder": str(record)}}, *callbacks]
     if method == "svft":
         callbacks.append({"class_path": "lit_peft.callbacks.SVDCache", "init_args": {"cache_dir": str(tmp / "svd")}})
-    config = write_config(tmp, data_root, ADAPTERS[method], max_epochs=3, callbacks=callbacks, name=f"{method}-{run}")
+    config = write_config(tmp, data_root, ADAPTERS[method], max_epochs=3, callbacks=callbacks, name=name)
     output = run_cli("fit", "--config", str(config), *extra, f"--trainer.devices={processes}",
                      "--trainer.accelerator=cpu", f"--data.init_args.batch_size={batch_size}", "--test_after_fit=null",
-                     cwd=tmp)
+                     *args, cwd=tmp)
     ranks = [json.loads((record / f"steps-rank{r}.json").read_text()) for r in range(processes)]
     assert len({len(steps) for steps in ranks}) == 1, [len(s) for s in ranks]
-    version = tmp / "runs" / f"{method}-{run}" / "version_0"
+    version = tmp / "runs" / name / "version_0"
+    logged = sorted((int(r["step"]), float(r["train_loss"])) for r in read_metrics(version) if r.get("train_loss"))
     return {"output": output,
             "losses": [sum(rank[i]["loss"] for rank in ranks) / processes for i in range(len(ranks[0]))],
+            "train_loss": [loss for _, loss in logged],
             "samples": [sorted(s for rank in ranks for s in rank[i]["samples"]) for i in range(len(ranks[0]))],
             "merged": load_file(version / "merged" / "model.safetensors"),
             "adapter": version / "merged" / "adapter" / "adapter.safetensors",
@@ -96,15 +117,22 @@ def fit(tmp: Path, data_root: Path, method: str, run: str) -> dict:
 def workdir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distributed")
     (tmp / "recorder.py").write_text(RECORDER)
-    return tmp, make_vtab_task(tmp / "vtab", sizes=(("train800", 8), ("val200", 6), ("test", 8)))
+    return tmp, make_vtab_task(tmp / "vtab", sizes=(("train800", 16), ("val200", 6), ("test", 8)))
+
+
+@pytest.fixture(scope="module")
+def fitted(workdir):
+    """``fit(method, run)`` in the module's workdir, each at most once (the resume tests reuse the agreement runs)."""
+    return functools.cache(lambda method, run: fit(*workdir, method, run))
 
 
 @pytest.mark.parametrize("method", ["boft", "svft"])
-def test_single_ddp_fsdp2_agree(workdir, method):
-    tmp, data_root = workdir
-    runs = {run: fit(tmp, data_root, method, run) for run in RUNS}
+def test_single_ddp_fsdp2_agree(fitted, method):
+    runs = {run: fitted(method, run) for run in RUNS}
     single = runs["single"]
-    assert len(single["losses"]) == 3  # 8 training images, global batch 8, 3 epochs
+    assert len(single["losses"]) == 6  # 16 training images, global batch 8, 3 epochs
+    for run, result in runs.items():  # the logged train_loss is the mean over ranks
+        assert result["train_loss"] == pytest.approx(result["losses"], rel=1e-6), run
     assert "FSDP2 over 2 processes: 2 shard units" in runs["fsdp"]["output"]
     for run in ("ddp", "fsdp"):
         result = runs[run]
@@ -121,6 +149,30 @@ def test_single_ddp_fsdp2_agree(workdir, method):
         assert state.keys() == reference.keys()
         for key, value in reference.items():
             torch.testing.assert_close(state[key], value, rtol=0, atol=5e-4, msg=f"{run}: checkpoint {key}")
+
+
+@pytest.mark.parametrize("run", ["ddp", "fsdp"])
+def test_mid_epoch_resume(workdir, fitted, run):
+    """Fail after step 3 of 6 (epoch 1's first batch), resume from that step's checkpoint: the uninterrupted run's
+    batches, losses and final weights."""
+    tmp, data_root = workdir
+    uninterrupted = fitted("boft", run)
+    steps = tmp / f"{run}-steps"
+    crash = [{"class_path": "recorder.FailAfter", "init_args": {"steps": 3}},
+             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+              "init_args": {"dirpath": str(steps), "filename": "{step}", "every_n_train_steps": 1, "save_top_k": -1}}]
+    with pytest.raises(AssertionError, match="FailAfter: stopped after step 3"):  # the run exits non-zero
+        fit(tmp, data_root, "boft", run, name=f"boft-{run}-failed", callbacks=crash)
+    assert sorted(p.name for p in steps.iterdir()) == ["step=1.ckpt", "step=2.ckpt", "step=3.ckpt"]
+    resumed = fit(tmp, data_root, "boft", run, name=f"boft-{run}-resumed",
+                  args=("--ckpt_path", str(steps / "step=3.ckpt")))
+    assert resumed["samples"] == uninterrupted["samples"][3:]
+    assert resumed["losses"] == pytest.approx(uninterrupted["losses"][3:], rel=1e-6, abs=1e-7)
+    assert resumed["train_loss"] == pytest.approx(uninterrupted["train_loss"][3:], rel=1e-6, abs=1e-7)
+    torch.testing.assert_close(resumed["merged"], uninterrupted["merged"])
+    torch.testing.assert_close(load_file(resumed["adapter"]), load_file(uninterrupted["adapter"]))
+    torch.testing.assert_close(*(torch.load(r["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+                                 for r in (resumed, uninterrupted)))
 
 
 def test_shard_units_find_the_transformer_blocks():

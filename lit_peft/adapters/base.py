@@ -44,8 +44,13 @@ TargetSpec = str | Sequence[str]
 
 
 def full_tensor(t: Tensor) -> Tensor:
-    """The whole tensor, also when ``t`` is a DTensor shard (FSDP2); plain tensors come back unchanged."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    """The whole tensor, also when ``t`` is a DTensor shard (FSDP2); plain tensors come back unchanged. A shard kept
+    in host memory by FSDP2's CPU offload is gathered on its mesh's device (NCCL gathers GPU tensors only)."""
+    if not hasattr(t, "full_tensor"):
+        return t
+    if t.device.type != t.device_mesh.device_type:
+        t = t.to(t.device_mesh.device_type)
+    return t.full_tensor()
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -396,8 +401,21 @@ class AdapterStrategy:
         return names
 
 
+#: Name components that module wrappers insert and that their state dicts leave out: FSDP1's
+#: ``FullyShardedDataParallel`` and activation checkpointing's ``CheckpointWrapper``.
+WRAPPER_NAME_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def unwrapped_name(name: str) -> str:
+    """``name`` (from ``named_modules``/``named_parameters``) as the unwrapped model and its state dict spell it."""
+    for part in WRAPPER_NAME_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+    """Every adapted layer of ``model`` by its name in the unwrapped model (also inside FSDP1-wrapped blocks)."""
+    return {unwrapped_name(name): m for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

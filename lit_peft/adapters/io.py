@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -222,21 +223,41 @@ def _restored_on_error(model: nn.Module):
 
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The state dict of the merged model, without modifying ``model``: the keys of the plain base model, with
-    every adapted layer's ``weight``/``bias`` replaced by its merged values (one layer merged at a time, so the
-    extra memory is the returned dict). DTensors are gathered."""
+    """The state dict of the merged model, on the CPU, without modifying ``model``: the keys of the plain base
+    model, with every adapted layer's ``weight``/``bias`` replaced by its merged values.
+
+    One tensor (one merged layer) at a time is gathered or merged on the model's device and moved to the CPU, so
+    device memory peaks at one layer and host memory at one copy of the merged model (tied weights are gathered
+    once and shared). Under ``torch.distributed`` with several processes only global rank 0 keeps anything; the
+    other ranks return ``{}``: at once when the model is not sharded (DDP: every rank holds the whole model), after
+    taking part in every all-gather when it is (FSDP2 DTensors: every rank must call this, and each gathered tensor
+    is dropped at once). Without ``torch.distributed`` it is the whole state dict."""
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    keep = not distributed or dist.get_rank() == 0
+    state = model.state_dict(keep_vars=True)  # keep_vars: tied weights stay one object, so they are gathered once
+    if not keep and not any(hasattr(t, "full_tensor") for t in state.values()):
+        return {}
     layers = adapted_layers(model)
-    state = {}
+    merged: dict[str, Tensor] = {}
     for name, layer in layers.items():
-        linear = layer.merged_linear()
-        state[f"{name}.weight"] = linear.weight
-        if linear.bias is not None:
-            state[f"{name}.bias"] = linear.bias
+        linear = layer.merged_linear()  # gathers the layer's shards (collective)
+        if keep:
+            merged[f"{name}.weight"] = linear.weight.detach().cpu()
+            if linear.bias is not None:
+                merged[f"{name}.bias"] = linear.bias.detach().cpu()
+        del linear
     prefixes = tuple(f"{name}." for name in layers)
-    for key, tensor in model.state_dict().items():
-        if not key.startswith(prefixes):
-            state[key] = full_tensor(tensor.detach())
-    return state
+    gathered: dict[int, Tensor | None] = {}
+    for key, tensor in state.items():
+        if key.startswith(prefixes):
+            continue
+        if id(tensor) not in gathered:
+            whole = full_tensor(tensor.detach())
+            gathered[id(tensor)] = whole.cpu() if keep else None
+            del whole
+        if keep:
+            merged[key] = gathered[id(tensor)]
+    return merged
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:

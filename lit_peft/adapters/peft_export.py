@@ -33,18 +33,19 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .base import ALL, full_tensor
+from .base import ALL
 from .boft import BOFT, OFT, BOFTLinear, skew_symmetric
-from .io import get_strategy
+from .io import adapter_state_dict, get_strategy
 from .lora import DoRA, DoRALinear, LoRA, LoRALinear
 from .svft import SVFT
-from .vera import VeRA, VeRALinear, VeRAProjections
+from .vera import VeRA, VeRALinear
 
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -106,40 +107,41 @@ def peft_target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return leaves
 
 
-def _lora_tensors(name: str, layer: LoRALinear) -> dict[str, Tensor]:
-    adapter = layer.adapters[ALL]
-    out = {f"{PREFIX}{name}.lora_A.weight": adapter.lora_A, f"{PREFIX}{name}.lora_B.weight": adapter.lora_B}
+#: ``get(leaf)``: the whole tensor ``<layer>.adapters.all.<leaf>`` of one layer (``None`` when it has none)
+Getter = Callable[[str], Tensor | None]
+
+
+def _lora_tensors(name: str, layer: LoRALinear, get: Getter) -> dict[str, Tensor]:
+    out = {f"{PREFIX}{name}.lora_A.weight": get("lora_A"), f"{PREFIX}{name}.lora_B.weight": get("lora_B")}
     if isinstance(layer, DoRALinear):
-        out[f"{PREFIX}{name}.lora_magnitude_vector"] = adapter.magnitude
+        out[f"{PREFIX}{name}.lora_magnitude_vector"] = get("magnitude")
     return out
 
 
-def _boft_tensors(name: str, layer: BOFTLinear, bias_key: str) -> dict[str, Tensor]:
-    adapter = layer.adapters[ALL]
-    A = skew_symmetric(full_tensor(adapter.skew).detach(), layer.block_size)
-    scale = (torch.ones(layer.out_features, dtype=A.dtype, device=A.device) if adapter.scale is None
-             else full_tensor(adapter.scale).detach())
+def _boft_tensors(name: str, layer: BOFTLinear, bias_key: str, get: Getter) -> dict[str, Tensor]:
+    A = skew_symmetric(get("skew"), layer.block_size)
+    scale = get("scale")
+    if scale is None:
+        scale = torch.ones(layer.out_features, dtype=A.dtype, device=A.device)
     out = {f"{PREFIX}{name}.boft_R": -A, f"{PREFIX}{name}.boft_s": scale[:, None]}
-    if adapter.bias is not None:
-        out[f"{PREFIX}{name}.{bias_key}"] = adapter.bias
+    if get("bias") is not None:
+        out[f"{PREFIX}{name}.{bias_key}"] = get("bias")
     return out
 
 
-def _oft_tensors(name: str, layer: BOFTLinear, bias_key: str) -> dict[str, Tensor]:
-    adapter = layer.adapters[ALL]
-    out = {f"{PREFIX}{name}.oft_R.weight": -full_tensor(adapter.skew).detach()[0]}
-    if adapter.bias is not None:
-        out[f"{PREFIX}{name}.{bias_key}"] = adapter.bias
+def _oft_tensors(name: str, bias_key: str, get: Getter) -> dict[str, Tensor]:
+    out = {f"{PREFIX}{name}.oft_R.weight": -get("skew")[0]}
+    if get("bias") is not None:
+        out[f"{PREFIX}{name}.{bias_key}"] = get("bias")
     return out
 
 
-def _vera_tensors(name: str, layer: VeRALinear) -> dict[str, Tensor]:
-    adapter = layer.adapters[ALL]
-    return {f"{PREFIX}{name}.vera_lambda_b": adapter.lambda_b, f"{PREFIX}{name}.vera_lambda_d": adapter.lambda_d}
+def _vera_tensors(name: str, get: Getter) -> dict[str, Tensor]:
+    return {f"{PREFIX}{name}.vera_lambda_b": get("lambda_b"), f"{PREFIX}{name}.vera_lambda_d": get("lambda_d")}
 
 
 def export_peft_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None,
-                        task_type: str | None = None) -> Path:
+                        task_type: str | None = None, tensors: Mapping[str, Tensor] | None = None) -> Path:
     """Write ``model``'s adapter (applied by a lit_peft strategy) as a peft adapter folder; returns the folder.
 
     Args:
@@ -148,50 +150,57 @@ def export_peft_adapter(model: nn.Module, folder: str | os.PathLike, base_model_
             folder is replaced).
         base_model_name_or_path: recorded in ``adapter_config.json`` (what ``AutoPeftModel…`` loads as the base).
         task_type: peft's task type (``"CAUSAL_LM"``, ``"SEQ_CLS"``, …); ``None`` for a plain ``PeftModel``.
+        tensors: ``model``'s :func:`~lit_peft.adapters.adapter_state_dict`, when already gathered; with it the
+            export reads no tensor from ``model``, so one rank of an FSDP2-sharded run can call it alone (gathering
+            the shards is a collective). ``None``: taken from ``model`` (every rank must call then, if sharded).
 
     Raises ``ValueError`` for SVFT, fused-qkv parts and other unexportable set-ups (see the module docstring).
     """
     peft = _require_peft()
     strategy, layers = _check_exportable(model)
+    state = adapter_state_dict(model) if tensors is None else tensors
     names = list(layers)
     targets = peft_target_modules(model, names)
     head = strategy._trainable_module_names(model)
     modules_to_save = head or None
     common = {"target_modules": targets, "modules_to_save": modules_to_save, "task_type": task_type,
               "base_model_name_or_path": base_model_name_or_path}
-    tensors: dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
+
+    def getter(name: str) -> Getter:
+        return lambda leaf: state.get(f"{name}.adapters.{ALL}.{leaf}")
+
     if isinstance(strategy, LoRA):
         config = peft.LoraConfig(r=strategy.rank, lora_alpha=strategy.alpha, lora_dropout=strategy.dropout,
                                  use_dora=isinstance(strategy, DoRA), use_rslora=False, bias="none", **common)
         for name, layer in layers.items():
-            tensors.update(_lora_tensors(name, layer))
+            out.update(_lora_tensors(name, layer, getter(name)))
     elif isinstance(strategy, BOFT) and isinstance(strategy, OFT) and not strategy.scale:
         bias = "oft_only" if strategy.train_bias else "none"
         config = peft.OFTConfig(r=0, oft_block_size=strategy.block_size, module_dropout=strategy.dropout,
                                 coft=False, block_share=False, use_cayley_neumann=False, bias=bias, **common)
-        for name, layer in layers.items():
-            tensors.update(_oft_tensors(name, layer, "base_layer.bias"))
+        for name in layers:
+            out.update(_oft_tensors(name, "base_layer.bias", getter(name)))
     elif isinstance(strategy, BOFT):
         bias = "boft_only" if strategy.train_bias else "none"
         config = peft.BOFTConfig(boft_block_size=strategy.block_size, boft_block_num=0,
                                  boft_n_butterfly_factor=strategy.n_butterfly_factors, boft_dropout=strategy.dropout,
                                  bias=bias, **common)
         for name, layer in layers.items():
-            tensors.update(_boft_tensors(name, layer, "base_layer.bias"))
+            out.update(_boft_tensors(name, layer, "base_layer.bias", getter(name)))
     elif isinstance(strategy, VeRA):
-        projections = next(m for m in model.modules() if isinstance(m, VeRAProjections))
         config = peft.VeraConfig(r=strategy.rank, projection_prng_key=strategy.seed, save_projection=True,
                                  vera_dropout=strategy.dropout, d_initial=strategy.d_init, bias="none", **common)
-        for name, layer in layers.items():
-            tensors.update(_vera_tensors(name, layer))
-        tensors["base_model.vera_A"] = projections.A
-        tensors["base_model.vera_B"] = projections.B
+        for name in layers:
+            out.update(_vera_tensors(name, getter(name)))
+        out["base_model.vera_A"] = state["vera_projections.A"]
+        out["base_model.vera_B"] = state["vera_projections.B"]
     else:  # pragma: no cover - _check_exportable refused it
         raise ValueError(f"{type(strategy).__name__} is not exportable to peft")
     for module_name in head:
-        for key, tensor in model.get_submodule(module_name).state_dict(keep_vars=True).items():
-            tensors[f"{PREFIX}{module_name}.{key}"] = tensor
-    tensors = {k: full_tensor(v.detach()).cpu().contiguous() for k, v in tensors.items()}
+        for key in model.get_submodule(module_name).state_dict(keep_vars=True):
+            out[f"{PREFIX}{module_name}.{key}"] = state[f"{module_name}.{key}"]
+    out = {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +208,7 @@ def export_peft_adapter(model: nn.Module, folder: str | os.PathLike, base_model_
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         config.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(out, str(tmp / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

@@ -163,8 +163,9 @@ class HFAdaptedModule(AdaptedModule):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def export_extra(self, folder: Path) -> None:
-        """``peft_adapter/`` (a Hugging Face ``peft`` adapter) when ``export_peft`` and the strategy has one."""
+    def export_extra(self, folder: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """``peft_adapter/`` (a Hugging Face ``peft`` adapter) when ``export_peft`` and the strategy has one, from
+        ``tensors`` (the gathered adapter state) when given, so it also works on rank 0 of an FSDP2 run."""
         if not self.export_peft or getattr(self.model, "lit_peft_strategy", None) is None:
             return
         problem = peft_export_problem(self.model)
@@ -172,7 +173,7 @@ class HFAdaptedModule(AdaptedModule):
             rank_zero_info(f"{type(self).__name__}: no peft export ({problem})")
             return
         out = export_peft_adapter(self.model, Path(folder) / "peft_adapter", self.model_name_or_path,
-                                  task_type=self.peft_task_type)
+                                  task_type=self.peft_task_type, tensors=tensors)
         rank_zero_info(f"{type(self).__name__}: peft adapter written to {out}")
 
 
@@ -203,6 +204,8 @@ class CausalLMModule(HFAdaptedModule):
         adapter, optimizer, head_lr, head_weight_decay, lr_schedule, warmup_ratio, warmup_steps: see
             :class:`~lit_peft.modules.base.AdaptedModule`. There is no head: the embeddings and ``lm_head`` stay
             frozen.
+        fsdp_reshard_after_forward, fsdp_cpu_offload: FSDP2 options (``configs/strategy/fsdp.yaml``), see
+            :class:`~lit_peft.modules.base.AdaptedModule`; each decoder layer is one shard unit.
     """
 
     auto_class = AutoModelForCausalLM
@@ -215,8 +218,10 @@ class CausalLMModule(HFAdaptedModule):
                  predictions_file: str | None = "predictions.jsonl", export_peft: bool = True,
                  adapter: AdapterStrategy | None = None, optimizer: OptimizerFactory = torch.optim.AdamW,
                  head_lr: float | None = None, head_weight_decay: float | None = None, lr_schedule: str = "cosine",
-                 warmup_ratio: float = 0.1, warmup_steps: int | None = None):
-        super().__init__(adapter, optimizer, head_lr, head_weight_decay, lr_schedule, warmup_ratio, warmup_steps)
+                 warmup_ratio: float = 0.1, warmup_steps: int | None = None, fsdp_reshard_after_forward: bool = True,
+                 fsdp_cpu_offload: bool = False):
+        super().__init__(adapter, optimizer, head_lr, head_weight_decay, lr_schedule, warmup_ratio, warmup_steps,
+                         fsdp_reshard_after_forward, fsdp_cpu_offload)
         self.save_hyperparameters(ignore=HPARAMS_IGNORED)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -262,12 +267,15 @@ class CausalLMModule(HFAdaptedModule):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[str]:
-        """Greedy completions of left-padded prompts, decoded from the new tokens only."""
+        """Greedy completions of left-padded prompts, decoded from the new tokens only. Under FSDP2 every rank runs
+        the same number of decoding steps (``synced_gpus``: a sharded forward is collective, and ranks whose
+        sequences ended earlier keep stepping until all have), which transformers only infers for its own FSDP."""
         if attention_mask is not None and attention_mask.shape[0] and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("CausalLMModule.generate: prompts must be left-padded (attention_mask has padding at "
                              "the end of a row); the generation batches of InstructionDataModule are")
+        synced = self._sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                     generation_config=self.generation_config())
+                                     generation_config=self.generation_config(), synced_gpus=True if synced else None)
         return self.tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
@@ -285,7 +293,7 @@ class CausalLMModule(HFAdaptedModule):
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False,
-                 batch_size=batch["input_ids"].shape[0])
+                 batch_size=batch["input_ids"].shape[0], sync_dist=True)
         return loss
 
     def _evaluate(self, batch, stage: str) -> list[dict] | None:
@@ -327,7 +335,10 @@ class CausalLMModule(HFAdaptedModule):
             torch.distributed.all_gather_object(gathered, records)
             records = [r for part in gathered for r in (part or [])]
         self._predictions = []
-        if not self.predictions_file or not records or not self.trainer.is_global_zero:
+        if not self.predictions_file or not records:
+            return
+        path = self.predictions_path()  # on every rank: trainer.log_dir broadcasts under DDP / FSDP2
+        if not self.trainer.is_global_zero:
             return
         records = sorted(records, key=lambda r: (r["index"] is None, r["index"] or 0))
         seen, unique = set(), []
@@ -336,7 +347,6 @@ class CausalLMModule(HFAdaptedModule):
                 continue
             seen.add(r["index"])
             unique.append(r)
-        path = self.predictions_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in unique)
         atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
@@ -377,6 +387,8 @@ class SequenceClassifierModule(HFAdaptedModule):
             ``test_<metric>``, beside ``val_loss``.
         adapter, optimizer, head_lr, head_weight_decay, lr_schedule, warmup_ratio, warmup_steps: see
             :class:`~lit_peft.modules.base.AdaptedModule`.
+        fsdp_reshard_after_forward, fsdp_cpu_offload: FSDP2 options (``configs/strategy/fsdp.yaml``), see
+            :class:`~lit_peft.modules.base.AdaptedModule`; each encoder layer is one shard unit.
     """
 
     auto_class = AutoModelForSequenceClassification
@@ -389,8 +401,10 @@ class SequenceClassifierModule(HFAdaptedModule):
                  export_peft: bool = True, adapter: AdapterStrategy | None = None,
                  optimizer: OptimizerFactory = torch.optim.AdamW, head_lr: float | None = None,
                  head_weight_decay: float | None = None, lr_schedule: str = "cosine", warmup_ratio: float = 0.1,
-                 warmup_steps: int | None = None):
-        super().__init__(adapter, optimizer, head_lr, head_weight_decay, lr_schedule, warmup_ratio, warmup_steps)
+                 warmup_steps: int | None = None, fsdp_reshard_after_forward: bool = True,
+                 fsdp_cpu_offload: bool = False):
+        super().__init__(adapter, optimizer, head_lr, head_weight_decay, lr_schedule, warmup_ratio, warmup_steps,
+                         fsdp_reshard_after_forward, fsdp_cpu_offload)
         self.save_hyperparameters(ignore=HPARAMS_IGNORED)
         if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int)
                                        or num_labels < 1):
@@ -512,7 +526,7 @@ class SequenceClassifierModule(HFAdaptedModule):
     def training_step(self, batch, batch_idx):
         out = self.model(**self._inputs(batch), labels=self._labels(batch))
         self.log("train_loss", out.loss, prog_bar=True, on_step=True, on_epoch=False,
-                 batch_size=batch["input_ids"].shape[0])
+                 batch_size=batch["input_ids"].shape[0], sync_dist=True)
         return out.loss
 
     def _evaluate(self, batch, stage: str) -> None:

@@ -56,6 +56,8 @@ class ViTClassifier(AdaptedModule):
         model_kwargs: extra ``timm.create_model`` arguments (e.g. a small ``embed_dim``/``depth`` for tests).
         adapter, optimizer, head_lr, head_weight_decay, lr_schedule, warmup_ratio, warmup_steps: see
             :class:`~lit_peft.modules.base.AdaptedModule`.
+        fsdp_reshard_after_forward, fsdp_cpu_offload: FSDP2 options (``configs/strategy/fsdp.yaml``), see
+            :class:`~lit_peft.modules.base.AdaptedModule`; each ViT block is one shard unit.
     """
 
     def __init__(self, backbone: str = "vit_base_patch16_224", num_classes: int = 10, pretrained: bool = False,
@@ -63,8 +65,10 @@ class ViTClassifier(AdaptedModule):
                  model_kwargs: dict[str, Any] | None = None, adapter: AdapterStrategy | None = None,
                  optimizer: OptimizerFactory = torch.optim.AdamW, head_lr: float | None = None,
                  head_weight_decay: float | None = None, lr_schedule: str = "cosine", warmup_ratio: float = 0.1,
-                 warmup_steps: int | None = None):
-        super().__init__(adapter, optimizer, head_lr, head_weight_decay, lr_schedule, warmup_ratio, warmup_steps)
+                 warmup_steps: int | None = None, fsdp_reshard_after_forward: bool = True,
+                 fsdp_cpu_offload: bool = False):
+        super().__init__(adapter, optimizer, head_lr, head_weight_decay, lr_schedule, warmup_ratio, warmup_steps,
+                         fsdp_reshard_after_forward, fsdp_cpu_offload)
         self.save_hyperparameters(ignore=["adapter", "optimizer"])
         self.backbone = backbone
         self.num_classes = num_classes
@@ -123,7 +127,7 @@ class ViTClassifier(AdaptedModule):
     def training_step(self, batch, batch_idx):
         images, labels = batch
         loss = F.cross_entropy(self(images), labels)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
