@@ -6,10 +6,11 @@ shipped ``configs/strategy`` overlays.
 
 As in ``test_distributed`` (whose recorder and run table this reuses) every step is the whole training set
 (full-batch: 16 examples, one process with ``batch_size=16``, two with 8 each), so the comparison does not depend on
-the samplers' order. The causal-LM loss is a mean over label tokens, and each rank averages over its own tokens; the
-arithmetic examples all have the same token count, so the mean over ranks is the global mean and the per-step
-losses (mean over ranks), the merged model, the adapter files and the ``peft`` export (BOFT) agree up to float
-summation order. Validation (greedy generation, synced across ranks under FSDP2) runs every epoch and the test
+the samplers' order. The training examples have different lengths (``varied_lengths``), so the ranks hold different
+numbers of label tokens: the causal-LM loss is a mean over *all* ranks' label tokens only because each rank rescales
+its own token mean (``CausalLMModule._global_token_mean``); a plain mean of the ranks' means would differ. The
+per-step losses (mean over ranks), the merged model, the adapter files and the ``peft`` export (BOFT) then agree up
+to float summation order. Validation (greedy generation, synced across ranks under FSDP2) runs every epoch and the test
 after fit writes ``predictions.jsonl`` from all ranks: same accuracy, same predictions.
 """
 
@@ -48,7 +49,7 @@ def fit(tmp: Path, root: Path, method: str, run: str) -> dict:
                            "optimizer": {"class_path": "torch.optim.AdamW",
                                          "init_args": {"lr": 2e-2, "weight_decay": 0.0}}}}
     data = {"class_path": "lit_peft.data.InstructionDataModule",
-            "init_args": {"train_data": str(root / "data" / "train.jsonl"),
+            "init_args": {"train_data": str(tmp / "train_varied.jsonl"),
                           "eval_data": str(root / "data" / "gsm8k_test.jsonl"), "eval_task": "gsm8k",
                           "max_length": 64, "batch_size": GLOBAL_BATCH // processes, "eval_batch_size": 3,
                           "max_train_samples": GLOBAL_BATCH, "seed": 0}}
@@ -83,10 +84,21 @@ def peft_config(folder: Path) -> dict:
     return {**config, "target_modules": sorted(config["target_modules"])}
 
 
+def varied_lengths(source: Path, target: Path, n: int) -> None:
+    """The first ``n`` training rows with 0, 1 or 2 extra copies of the closing "The answer is v" sentence: examples
+    (and so the ranks' batches) with different numbers of label tokens."""
+    rows = [json.loads(line) for line in source.read_text().splitlines()[:n]]
+    for i, row in enumerate(rows):
+        value = row["response"].rsplit(" ", 1)[1]
+        row["response"] += f" . The answer is {value}" * (i % 3)
+    target.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, llama_dir):  # noqa: F811
     tmp = tmp_path_factory.mktemp("distributed_language")
     (tmp / "recorder.py").write_text(RECORDER)
+    varied_lengths(llama_dir / "data" / "train.jsonl", tmp / "train_varied.jsonl", GLOBAL_BATCH)
     return tmp
 
 

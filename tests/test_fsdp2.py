@@ -55,7 +55,7 @@ def build(method: str):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, img_size=32, patch_size=8,
                               embed_dim=32, depth=2, num_heads=2)
     strategy = {"boft": BOFT(block_size=4, n_butterfly_factors=2, train_bias=True, trainable_modules=["head"]),
-                "oft": OFT(block_size=8), "svft": SVFT(pattern="banded", off_diag=1),
+                "oft": OFT(block_size=8), "svft": SVFT(pattern="banded", off_diag=1, init="gated"),
                 "lora": LoRA(rank=4), "dora": DoRA(rank=4), "vera": VeRA(rank=8)}[method]
     strategy.apply(model)
     with torch.no_grad():

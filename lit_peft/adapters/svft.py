@@ -133,10 +133,17 @@ class SVFTPart(nn.Module):
             gen = torch.Generator().manual_seed(seed)
             values = torch.randn(k, generator=gen, dtype=torch.float64) * math.sqrt(2.0 / k)
             self.values = nn.Parameter(values.to(**trainable))
-            self.gate = nn.Parameter(torch.zeros((), **trainable))
+            # shape (1,), not a scalar: FSDP2's fully_shard refuses 0-d parameters
+            self.gate = nn.Parameter(torch.zeros(1, **trainable))
         else:
             self.values = nn.Parameter(torch.zeros(k, **trainable))
             self.gate = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        gate = state_dict.get(prefix + "gate")
+        if gate is not None and gate.dim() == 0:  # adapter files written before the gate became 1-d
+            state_dict[prefix + "gate"] = gate.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def rank(self) -> int:

@@ -291,10 +291,23 @@ class CausalLMModule(HFAdaptedModule):
         return out.loss
 
     def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
+        loss = self._global_token_mean(self._loss(batch), batch["labels"])
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False,
                  batch_size=batch["input_ids"].shape[0], sync_dist=True)
         return loss
+
+    def _global_token_mean(self, loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """With several processes, rescale this rank's token-mean loss so that the gradient averaged over ranks
+        (DDP, FSDP) is that of the mean over *all* ranks' label tokens, as one process with the whole global batch
+        computes it: ``loss_r · n_r · world / N`` (``n_r`` this rank's label tokens, ``N`` all ranks'). Without it
+        every rank's mean would weigh equally however many tokens it holds (variable-length examples). The mean of
+        the returned values over ranks is the global token mean, which ``train_loss`` logs."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return loss
+        tokens = (labels[:, 1:] != -100).sum().to(torch.float32)  # the causal-LM loss predicts labels[1:]
+        total = self.trainer.strategy.reduce(tokens.clone(), reduce_op="sum")
+        return loss * (tokens * world / total.clamp_min(1))
 
     def _evaluate(self, batch, stage: str) -> list[dict] | None:
         size = batch["input_ids"].shape[0]
