@@ -1,5 +1,5 @@
-"""Adapted layers inside FSDP2 ``fully_shard`` (2 CPU processes, gloo): forward and gradients equal the
-unsharded model's, and the helpers that read parameters outside ``forward`` (merge, save, orthogonality) accept
+"""Adapted layers under DDP and inside FSDP2 ``fully_shard`` (2 CPU processes, gloo), every adapter: DDP's gradient
+of two half batches equals the whole batch's, the sharded forward and gradients equal the unsharded model's, and the helpers that read parameters outside ``forward`` (merge, save, orthogonality) accept
 the DTensor shards. ``merged_state_dict`` keeps the merged model on rank 0 alone (on the CPU) and nothing on the
 other ranks."""
 
@@ -81,6 +81,19 @@ def worker(rank: int, world: int, port: int, folder: str, errors) -> None:
         x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
         for method in METHODS:
             reference = build(method)
+            # DDP: each rank takes half of a batch of 4; the gradient averaged over ranks is the whole batch's
+            ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(reference))
+            whole = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+            ddp(whole[2 * rank:2 * rank + 2]).square().mean().backward()
+            single = copy.deepcopy(reference)
+            single(whole).square().mean().backward()
+            trained = [(n, p) for n, p in ddp.module.named_parameters() if p.requires_grad]
+            assert trained, method
+            for (name, param), ref in zip(trained, [p for p in single.parameters() if p.requires_grad]):
+                torch.testing.assert_close(param.grad, ref.grad, rtol=1e-4, atol=1e-6,
+                                           msg=f"{method}: DDP gradient of {name}")
+            del ddp, single
+
             model = copy.deepcopy(reference)
             for block in model.blocks:
                 fully_shard(block, mesh=mesh)
