@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install lit_peft (editable) with its test extras on a fresh machine; quick when everything is there already.
-# torch/torchvision are pinned to a pair known to install and import on the CPU machines (platform.md);
-# set TORCH_SPEC to override, e.g. TORCH_SPEC="torch torchvision" on a machine that has its own.
+# torch/torchvision are pinned to a matching pair known to install and import on the CPU development machines
+# (docs/platform-notes.md, Installing); set TORCH_SPEC to override, e.g. TORCH_SPEC="torch torchvision" on a machine
+# that has its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -236,7 +236,7 @@ def adapter_params(model_args: dict) -> int:
     return count_parameters(model)["adapter"]
 
 
-PAPER_PARAMS = {  # experiments.md: (config, rounding unit, printed value)
+PAPER_PARAMS = {  # config: (rounding unit, printed #params), from the papers' tables in docs/protocols.md
     "vtab_boft.yaml": (1e6, 1.99), "vtab_oft.yaml": (1e6, 2.10), "vtab_lora.yaml": (1e6, 1.77),
     "fewshot_lora.yaml": (1e3, 294.9), "fewshot_vera.yaml": (1e3, 24.6), "fewshot_svft_plain.yaml": (1e3, 18.5),
     "fewshot_svft_banded.yaml": (1e3, 165.4), "fewshot_svft_random.yaml": (1e3, 165.4),

@@ -1,4 +1,5 @@
-"""Answer extraction and scoring for the LLM evaluations (design card, LLM section).
+"""Answer extraction and scoring for the LLM evaluations (protocols: docs/protocols.md, sections LLMs: math and
+LLMs: commonsense).
 
 * **GSM-8K** (MetaMathQA → GSM-8K): the prediction is the *last* number in the model output, the gold is the
   number after ``####``; the two are compared as numbers (tolerance 1e-4), as MetaMath's evaluation does.
