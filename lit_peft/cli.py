@@ -17,6 +17,8 @@ from typing import Literal, Optional
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from .handover import connect
+
 
 def bundled_configs_dir() -> Path:
     """The configs folder: the repository's ``configs/`` in a checkout, ``lit_peft/configs`` when installed."""
@@ -56,6 +58,12 @@ class LitPeftCLI(LightningCLI):
     """LightningCLI with lit_peft's defaults: subclass mode for model and data, our own optimiser set-up, and
     ``test_after_fit`` to test in the same run (``final``: the weights at the end of fit, the BOFT VTAB protocol;
     ``best``: the best checkpoint of a ``ModelCheckpoint``, the SVFT few-shot protocol)."""
+
+    def instantiate_classes(self) -> None:
+        """Build the model, data and trainer, then hand model and data over to each other (:mod:`lit_peft.handover`),
+        so a disagreement (a class count) fails before any work and ``num_labels: null`` builds the classifier."""
+        super().instantiate_classes()
+        connect(self.model, self.datamodule)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=Optional[Literal["final", "best"]], default=None,

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import save_file
 
-from .adapters.io import atomic_write
-from .data.vision import DigitsDataModule
+from .files import atomic_write
+from .data import DigitsDataModule
 from .modules.vision import ViTClassifier
 
 DEMO_BACKBONE = "vit_tiny_patch16_224"

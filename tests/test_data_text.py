@@ -22,7 +22,7 @@ from lit_peft.data import (
     InstructionDataModule,
     format_prompt,
 )
-from lit_peft.data import text as T
+from lit_peft.handover import DataInfo, DataSide, ModelInfo, connect
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -325,16 +325,21 @@ def test_shuffling_is_deterministic_per_seed(data, tok_dir):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def test_tokenizer_fallback_to_lightning_module(data, tok_dir, tok):
+def test_tokenizer_from_connected_model(data, tok_dir, tok):
     dm = instr_dm(data, tok_dir, tokenizer=None)
-    with pytest.raises(ValueError, match=r"no trainer is attached.*set data\.init_args\.tokenizer"):
+    with pytest.raises(ValueError, match=r"InstructionDataModule: no tokenizer given and none to inherit \(no model "
+                                         r"was connected\); set data\.init_args\.tokenizer"):
         dm.setup("fit")
-    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace())
-    with pytest.raises(ValueError, match=r"has no tokenizer_name_or_path.*set data\.init_args\.tokenizer"):
+    dm.connect_model(ModelInfo())
+    with pytest.raises(ValueError, match=r"\(the connected model gave no tokenizer\); set data\.init_args\.tokenizer"):
         dm.setup("fit")
-    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer_name_or_path=str(tok_dir)))
+    dm.connect_model(ModelInfo(tokenizer=str(tok_dir)))
     dm.setup("fit")
     assert dm.tokenizer.get_vocab() == tok.get_vocab() and dm.pad_token_id == tok.pad_token_id
+    # an explicit tokenizer wins over the model's
+    explicit = instr_dm(data, tok_dir)
+    explicit.connect_model(ModelInfo(tokenizer=str(data.root)))
+    assert explicit.tokenizer_source() == str(tok_dir)
     with pytest.raises(RuntimeError, match=rf"(?s)cannot load the tokenizer from local folder {data.root}: .*"
                                            r"set data\.init_args\.tokenizer"):
         _ = instr_dm(data, tok_dir, tokenizer=str(data.root)).tokenizer  # a folder with no tokenizer in it
@@ -387,14 +392,22 @@ def test_constructor_validation(data, tok_dir):
 
 
 class _TinyLM(L.LightningModule):
-    """Consumes both batch formats through a real Trainer; names its tokenizer for the datamodule."""
+    """Consumes both batch formats through a real Trainer; hands its tokenizer to the datamodule (the model side of
+    :mod:`lit_peft.handover`)."""
 
-    def __init__(self, tokenizer_name_or_path: str, vocab: int) -> None:
+    def __init__(self, tokenizer: str, vocab: int) -> None:
         super().__init__()
-        self.tokenizer_name_or_path = tokenizer_name_or_path
+        self.tokenizer = tokenizer
         self.emb = torch.nn.Embedding(vocab, 8)
         self.out = torch.nn.Linear(8, vocab)
         self.seen: dict[str, int] = {"train": 0, "val": 0}
+        self.data_info: DataInfo | None = None
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(tokenizer=self.tokenizer)
+
+    def connect_data(self, info: DataInfo) -> None:
+        self.data_info = info
 
     def training_step(self, batch, batch_idx):
         self.seen["train"] += 1
@@ -416,6 +429,19 @@ def test_trainer_fit_end_to_end(data, tok_dir, tok):
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=dm)
     assert model.seen == {"train": 2, "val": 1}  # 6 examples / batch 3; 2 eval prompts / batch 2
+    assert model.data_info == DataInfo("InstructionDataModule", eval_task="gsm8k")
+
+
+def test_text_data_info_without_setup(data, tok_dir):
+    dm = instr_dm(data, tok_dir, tokenizer=None)
+    assert isinstance(dm, DataSide)
+    assert dm.data_info() == DataInfo("InstructionDataModule", eval_task="gsm8k") and dm.connected_model is None
+    assert instr_dm(data, tok_dir, eval_data=None, eval_task=None).data_info().eval_task is None
+    for task, labels, metric in (("stsb", 1, "pearson"), ("mnli", 3, "accuracy"), ("cola", 2, "matthews")):
+        glue = GLUEDataModule(task=task)
+        assert glue.data_info() == DataInfo("GLUEDataModule", task=task, num_classes=labels, metric=metric)
+        assert (glue.task, glue.num_labels, glue.metric_name) == (task, labels, metric)
+
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -568,3 +594,19 @@ def test_glue_hub_path_and_shuffle(glue_root, tok_dir, monkeypatch):
     assert calls[:2] == [("nyu-mll/glue", "mrpc", "train"), ("nyu-mll/glue", "mrpc", "validation")]
     orders = [[b["input_ids"].tolist() for b in dm.train_dataloader()] for dm in dms]
     assert orders[0] == orders[1] and orders[0] != orders[2]
+
+
+def test_glue_tokenizer_from_connect(glue_root, tok_dir, tok):
+    class Model:
+        def model_info(self) -> ModelInfo:
+            return ModelInfo(tokenizer=str(tok_dir))
+
+        def connect_data(self, info: DataInfo) -> None:
+            self.data = info
+
+    dm = glue_dm(glue_root, tok_dir, task="stsb", tokenizer=None)
+    model = Model()
+    connect(model, dm)
+    assert model.data == DataInfo("GLUEDataModule", task="stsb", num_classes=1, metric="pearson")
+    dm.setup("validate")
+    assert dm.tokenizer.get_vocab() == tok.get_vocab() and len(dm.val_set) == 2

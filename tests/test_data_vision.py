@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,9 +17,10 @@ from lit_peft.data import (
     FewShotDataModule,
     ImageListDataset,
     VTABDataModule,
+    resolve_normalization,
     sample_per_class,
 )
-from lit_peft.data import vision as V
+from lit_peft.handover import DataInfo, DataSide, ModelInfo, connect
 
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]  # one solid colour per class
 HALF = (0.5, 0.5, 0.5)
@@ -221,28 +221,94 @@ def test_vtab_normalisation_defaults_and_module_data_config(vtab_root):
 
     dm = vtab_dm(vtab_root, mean=None, std=None)
     assert dm.resolve_normalization() == (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
-    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(data_config={"mean": HALF, "std": (0.25,) * 3}))
+    dm.connect_model(ModelInfo())  # a model that gives no data config: still ImageNet's
+    assert dm.resolve_normalization() == (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
+    info = ModelInfo(data_config={"mean": HALF, "std": (0.25,) * 3})
+    dm.connect_model(info)
+    assert dm.connected_model is info
     assert dm.resolve_normalization() == (HALF, (0.25, 0.25, 0.25))
     dm.setup("validate")
     x, _ = next(iter(dm.val_dataloader()))
     assert torch.allclose(x[0, 0], torch.full((16, 16), 2.0), atol=2e-2)  # (1 - 0.5) / 0.25
-    # an explicit value wins over the module's
+    # an explicit value wins over the model's
     dm2 = vtab_dm(vtab_root, mean=(0.0, 0.0, 0.0), std=None)
-    dm2.trainer = dm.trainer
+    dm2.connect_model(info)
     assert dm2.resolve_normalization() == ((0.0, 0.0, 0.0), (0.25, 0.25, 0.25))
+    with pytest.raises(TypeError, match="takes a lit_peft.handover.ModelInfo"):
+        dm2.connect_model({"mean": HALF})
+
+
+def test_resolve_normalization_function():
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    assert resolve_normalization(None, None) == (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
+    assert resolve_normalization(None, None, {"mean": HALF}) == (HALF, tuple(IMAGENET_DEFAULT_STD))
+    assert resolve_normalization(HALF, None, {"mean": (0.0,) * 3, "std": HALF}) == (HALF, HALF)
+    with pytest.raises(TypeError, match="data_config must be a mapping"):
+        resolve_normalization(None, None, object())  # e.g. a trainer, as the old signature took
+
+
+def test_image_data_info_without_setup(tmp_path):
+    for dm, expected in [
+        (VTABDataModule(task="dtd", data_root=str(tmp_path)), DataInfo("VTABDataModule", task="dtd", num_classes=47)),
+        (FewShotDataModule(dataset="food101", data_root=str(tmp_path)),
+         DataInfo("FewShotDataModule", task="food101", num_classes=101)),
+        (DigitsDataModule(classes=[3, 1]), DataInfo("DigitsDataModule", task="digits", num_classes=2)),
+    ]:
+        assert isinstance(dm, DataSide)
+        assert dm.data_info() == expected and dm.connected_model is None
+        assert dm.task == expected.task and dm.num_classes == expected.num_classes
+
+
+class FakeModel:
+    """The model side of the hand-over (what ``AdaptedModule`` offers), without a network."""
+
+    def __init__(self, info: ModelInfo) -> None:
+        self.info = info
+        self.data: DataInfo | None = None
+
+    def model_info(self) -> ModelInfo:
+        return self.info
+
+    def connect_data(self, info: DataInfo) -> None:
+        self.data = info
+
+
+def test_connect_hands_both_records_over(vtab_root):
+    dm = vtab_dm(vtab_root, mean=None, std=None)
+    model = FakeModel(ModelInfo(data_config={"mean": HALF, "std": HALF}))
+    connect(model, dm)
+    assert model.data == DataInfo("VTABDataModule", task="dmlab", num_classes=6)
+    assert dm.resolve_normalization() == (HALF, HALF)
+    connect(model, dm)  # idempotent
+    assert dm.connected_model == model.info
+
+
+def test_setup_with_a_trainer_without_model(vtab_root):
+    import lightning as L
+
+    dm = vtab_dm(vtab_root, mean=None, std=None)
+    dm.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    dm.setup("validate")  # no model attached to the trainer yet: nothing to connect, no error
+    assert dm.connected_model is None and len(dm.val_set) == 3
 
 
 def test_vtab_with_lightning_trainer(vtab_root):
-    """Through a real Trainer: setup by the trainer, mean/std from the module's ``data_config``."""
+    """Through a real Trainer: setup by the trainer, mean/std from the data config the module hands over."""
     import lightning as L
 
     class Tiny(L.LightningModule):
-        data_config = {"mean": HALF, "std": HALF, "input_size": (3, 16, 16)}
-
         def __init__(self):
             super().__init__()
             self.head = torch.nn.Linear(3 * 16 * 16, 6)
             self.seen = []
+            self.data_info: DataInfo | None = None
+
+        def model_info(self) -> ModelInfo:
+            return ModelInfo(data_config={"mean": HALF, "std": HALF, "input_size": (3, 16, 16)})
+
+        def connect_data(self, info: DataInfo) -> None:
+            self.data_info = info
 
         def training_step(self, batch, _):
             x, y = batch
@@ -262,6 +328,7 @@ def test_vtab_with_lightning_trainer(vtab_root):
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, datamodule=dm)
     assert dm.resolve_normalization() == (HALF, HALF)
+    assert model.data_info == dm.data_info()
     assert max(model.seen) == pytest.approx(1.0, abs=1e-2)  # 0.5-normalised: ImageNet stats would give > 2
 
 

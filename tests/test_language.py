@@ -24,7 +24,6 @@ import functools
 import json
 import os
 import random
-import types
 from pathlib import Path
 
 import pytest
@@ -42,6 +41,7 @@ from lit_peft.adapters import BOFT, OFT, SVFT, DoRA, LoRA, VeRA, adapted_layers 
 from lit_peft.adapters.peft_export import export_peft_adapter, peft_export_problem  # noqa: E402
 from lit_peft.callbacks import MergeAdapters, SVDCache  # noqa: E402
 from lit_peft.data import GLUEDataModule, InstructionDataModule, format_prompt  # noqa: E402
+from lit_peft.handover import DataInfo  # noqa: E402
 from lit_peft.modules import CausalLMModule, SequenceClassifierModule  # noqa: E402
 
 peft = pytest.importorskip("peft")
@@ -385,12 +385,11 @@ def test_loss_validation_batches_and_dtype(llama_dir, tmp_path):
     results = trainer.validate(module, dataloaders=data.loss_val_dataloader(), verbose=False)
     assert set(results[0]) == {"val_loss"} and 0 < results[0]["val_loss"] < 20
     assert {p.dtype for p in module.parameters() if p.requires_grad} == {torch.float32}
-    module._trainer = types.SimpleNamespace(datamodule=types.SimpleNamespace(eval_task="boolq"))
+    module.connect_data(DataInfo(name="InstructionDataModule", eval_task="boolq"))
     assert module.resolved_eval_task() == "boolq"
     module.eval_task = "gsm8k"
     with pytest.raises(ValueError, match="eval_task='gsm8k' but the data module's eval_task is 'boolq'"):
         module.resolved_eval_task()
-    module._trainer = None
     enc = module.tokenizer(["What is 1 plus 2 ?", "What is"], return_tensors="pt", padding=True)
     assert module.tokenizer.padding_side == "right" and enc["attention_mask"][1, -1] == 0
     with pytest.raises(ValueError, match="left-padded"):

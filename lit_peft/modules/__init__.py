@@ -1,7 +1,9 @@
 """LightningModules: a thin layer that wraps a backbone, applies an adapter strategy and trains it."""
 
 from .base import AdaptedModule
-from .language import CausalLMModule, SequenceClassifierModule
+from .causal_lm import CausalLMModule
+from .hf import HFAdaptedModule
+from .sequence_classifier import SequenceClassifierModule
 from .vision import ViTClassifier
 
-__all__ = ["AdaptedModule", "ViTClassifier", "CausalLMModule", "SequenceClassifierModule"]
+__all__ = ["AdaptedModule", "ViTClassifier", "CausalLMModule", "SequenceClassifierModule", "HFAdaptedModule"]

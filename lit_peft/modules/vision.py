@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..adapters import AdapterStrategy
-from ..adapters.io import atomic_write
-from .base import AdaptedModule, OptimizerFactory
+from ..files import atomic_write
+from ..handover import DataInfo, ModelInfo
+from .base import AdaptedModule
 
 
 def create_backbone(backbone: str, num_classes: int, pretrained: bool = False, checkpoint_path: str | None = None,
@@ -54,21 +54,15 @@ class ViTClassifier(AdaptedModule):
         checkpoint_path: a local weights file to start from instead (machines without a hub).
         img_size: input resolution, when it differs from the backbone's default.
         model_kwargs: extra ``timm.create_model`` arguments (e.g. a small ``embed_dim``/``depth`` for tests).
-        adapter, optimizer, head_lr, head_weight_decay, lr_schedule, warmup_ratio, warmup_steps: see
-            :class:`~lit_peft.modules.base.AdaptedModule`.
-        fsdp_reshard_after_forward, fsdp_cpu_offload: FSDP2 options (``configs/strategy/fsdp.yaml``), see
-            :class:`~lit_peft.modules.base.AdaptedModule`; each ViT block is one shard unit.
+        **kwargs: the arguments every module shares (``adapter``, ``optimizer``, ``head_lr``, ``lr_schedule``, …,
+            the ``fsdp_*`` options), see :class:`~lit_peft.modules.base.AdaptedModule`; each ViT block is one FSDP
+            shard unit.
     """
 
     def __init__(self, backbone: str = "vit_base_patch16_224", num_classes: int = 10, pretrained: bool = False,
                  checkpoint_path: str | None = None, img_size: int | None = None,
-                 model_kwargs: dict[str, Any] | None = None, adapter: AdapterStrategy | None = None,
-                 optimizer: OptimizerFactory = torch.optim.AdamW, head_lr: float | None = None,
-                 head_weight_decay: float | None = None, lr_schedule: str = "cosine", warmup_ratio: float = 0.1,
-                 warmup_steps: int | None = None, fsdp_reshard_after_forward: bool = True,
-                 fsdp_cpu_offload: bool = False):
-        super().__init__(adapter, optimizer, head_lr, head_weight_decay, lr_schedule, warmup_ratio, warmup_steps,
-                         fsdp_reshard_after_forward, fsdp_cpu_offload)
+                 model_kwargs: dict[str, Any] | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["adapter", "optimizer"])
         self.backbone = backbone
         self.num_classes = num_classes
@@ -83,12 +77,13 @@ class ViTClassifier(AdaptedModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        data_classes = getattr(datamodule, "num_classes", None)
-        if data_classes is not None and data_classes != self.num_classes:
-            raise ValueError(f"model.num_classes={self.num_classes} but the data ({type(datamodule).__name__}) has "
-                             f"{data_classes} classes; set model.init_args.num_classes: {data_classes}")
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(data_config=self.data_config)
+
+    def connect_data(self, info: DataInfo) -> None:
+        if info.num_classes is not None and info.num_classes != self.num_classes:
+            raise ValueError(f"model.num_classes={self.num_classes} but the data ({info.name}) has "
+                             f"{info.num_classes} classes; set model.init_args.num_classes: {info.num_classes}")
 
     def head_names(self) -> list[str]:
         head = self.model.get_classifier()

@@ -1,0 +1,99 @@
+"""Every private Lightning / PyTorch interface lit_peft relies on, in one place.
+
+Each is reached through a function here that first checks it exists in the installed version and otherwise raises
+:class:`UnsupportedVersionError` naming the version and what is missing: an upgrade that removes one fails loudly at
+the first use, never as a silent no-op (a resume that silently restarts the epoch, say).
+
+Used (checked against Lightning 2.4–2.6 and torch 2.4–2.14):
+
+- Lightning's ``strategy._forward_redirection`` (run a method of the LightningModule through the FSDP1 root
+  wrapper's ``forward``, as Lightning runs the training steps): :func:`forward_through`.
+- ``trainer.fit_loop._load_combined_loader_states`` (hand the training loader its mid-epoch position from a
+  checkpoint; Lightning drops it when ``configure_optimizers`` builds the loader early, its issue #20550):
+  :func:`restore_loader_states`.
+- ``FSDPStrategy.kwargs`` (the keyword arguments Lightning passes to ``FullyShardedDataParallel``; lit_peft adds
+  its ``auto_wrap_policy``): :func:`fsdp1_kwargs`.
+- ``lightning.fabric.utilities.seed.reset_seed`` (re-seed from ``seed_everything``'s seed): :func:`reset_seed`.
+- ``torch.nn.Module._apply`` (move a subset of a module's tensors, and the hook a module overrides to see every
+  ``.to()``/``.cuda()``): :func:`apply_to_tensors`, :class:`MoveHook`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class UnsupportedVersionError(RuntimeError):
+    """An installed Lightning or torch lacks a private interface lit_peft needs."""
+
+
+def _lightning_version() -> str:
+    import lightning
+
+    return lightning.__version__
+
+
+def _missing(owner: str, name: str, purpose: str, library: str = "lightning") -> UnsupportedVersionError:
+    version = _lightning_version() if library == "lightning" else torch.__version__
+    return UnsupportedVersionError(
+        f"lit_peft needs {owner}.{name} ({purpose}), which {library} {version} does not have; lit_peft supports "
+        f"lightning 2.4–2.6 and torch 2.4 or newer: install one of those (pip install 'lightning>=2.4,<2.7')")
+
+
+def forward_through(strategy: Any, wrapper: nn.Module, module: nn.Module, method: str, *args: Any) -> Any:
+    """``module.<method>(*args)`` run inside ``wrapper.forward`` (so FSDP1 gathers the root's weights around it)."""
+    redirect = getattr(strategy, "_forward_redirection", None)
+    if not callable(redirect):
+        raise _missing(type(strategy).__name__, "_forward_redirection",
+                       "running the merge check through the FSDP1 root wrapper")
+    return redirect(wrapper, module, method, *args)
+
+
+def restore_loader_states(trainer: Any) -> None:
+    """Load the training loader's saved position (a no-op when it is already loaded or nothing is resumed)."""
+    load = getattr(trainer.fit_loop, "_load_combined_loader_states", None)
+    if not callable(load):
+        raise _missing("trainer.fit_loop", "_load_combined_loader_states", "mid-epoch resume of the training loader")
+    load()
+
+
+def fsdp1_kwargs(strategy: Any) -> dict[str, Any]:
+    """The (mutable) keyword arguments Lightning's ``FSDPStrategy`` passes to ``FullyShardedDataParallel``."""
+    kwargs = getattr(strategy, "kwargs", None)
+    if not isinstance(kwargs, dict):
+        raise _missing(type(strategy).__name__, "kwargs", "giving FSDPStrategy lit_peft's auto_wrap_policy")
+    return kwargs
+
+
+def reset_seed() -> None:
+    """Re-seed every RNG from ``seed_everything``'s seed, as Lightning's DDP/FSDP strategies do per process."""
+    try:
+        from lightning.fabric.utilities.seed import reset_seed as lightning_reset_seed
+    except ImportError as err:
+        raise _missing("lightning.fabric.utilities.seed", "reset_seed", "the same adapter init on every rank") from err
+    lightning_reset_seed()
+
+
+def apply_to_tensors(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
+    """``fn`` applied to every parameter and buffer of ``module`` in place (what ``.to()``/``.cpu()`` use), keeping
+    the parameters' identity, so optimisers holding them stay valid."""
+    if not callable(getattr(nn.Module, "_apply", None)):
+        raise _missing("torch.nn.Module", "_apply", "moving FSDP2's offloaded shards back to the CPU", "torch")
+    return module._apply(fn)
+
+
+class MoveHook(nn.Module):
+    """A mixin whose :meth:`after_move` runs after every ``.to()``/``.cuda()``/``.cpu()`` of the module (torch's
+    ``_apply``, the one method those all call)."""
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        self.after_move()
+        return module
+
+    def after_move(self) -> None:
+        """Called after the module's tensors were moved or cast; nothing by default."""
