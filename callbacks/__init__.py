@@ -1,8 +1,12 @@
-"""Lightning callbacks of lit_peft (installed as ``lit_peft.callbacks``): cache SVDs, watch BOFT orthogonality,
-merge the adapters at the end of fit."""
+"""Lightning callbacks of lit_peft: cache SVDs, watch BOFT orthogonality, merge the adapters at the end of fit.
 
-from .merge import MergeAdapters, MergeCheckError
-from .orthogonality import OrthogonalityCheck, OrthogonalityError
-from .svd_cache import SVDCache
+This folder is installed as ``lit_peft.callbacks`` (``pyproject.toml``'s ``package-dir``); every import here is
+absolute, so the classes are the same objects however the folder was reached.
+"""
 
-__all__ = ["SVDCache", "OrthogonalityCheck", "OrthogonalityError", "MergeAdapters", "MergeCheckError"]
+from lit_peft.callbacks.merge import MergeAdapters, MergeCheckError
+from lit_peft.callbacks.orthogonality import OrthogonalityCheck, OrthogonalityError
+from lit_peft.callbacks.svd_cache import SVDCache, find_svd_provider
+
+__all__ = ["SVDCache", "find_svd_provider", "OrthogonalityCheck", "OrthogonalityError", "MergeAdapters",
+           "MergeCheckError"]

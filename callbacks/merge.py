@@ -8,8 +8,8 @@ Steps (global rank 0 writes, the other ranks wait):
 3. check on one batch that the plain merged model and the adapted model agree within ``tolerance``;
 4. write ``model.safetensors`` (via ``pl_module.save_merged_model``), and the adapter alone under ``adapter/``
    (``adapter.safetensors`` + ``adapter_config.json``), each to a temporary name, then renamed.
-5. call ``pl_module.export_extra(folder, adapter_tensors)`` when the module has it (lit_peft's Hugging Face modules
-   write a ``peft`` adapter folder there, from the adapter tensors gathered in step 4, also under FSDP2).
+5. call ``pl_module.export_extra(folder, adapter_tensors)`` (lit_peft's Hugging Face modules write a ``peft``
+   adapter folder there, from the adapter tensors gathered in step 4, also under FSDP2; the others write nothing).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_peft.adapters import merged_state_dict
-from lit_peft.adapters.io import adapter_config, adapter_state_dict, get_strategy, write_adapter
+from lit_peft.adapters import find_strategy, merged_state_dict
+from lit_peft.adapters.io import adapter_config, adapter_state_dict, write_adapter
 
 
 class MergeCheckError(RuntimeError):
@@ -82,7 +82,8 @@ class MergeAdapters(L.Callback):
 
     @torch.no_grad()
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if getattr(pl_module.model, "lit_peft_strategy", None) is None:
+        strategy = find_strategy(pl_module.model)
+        if strategy is None:
             rank_zero_info("MergeAdapters: the model has no adapter; nothing to merge")
             return
         folder = self.resolve_dir(trainer)
@@ -91,7 +92,7 @@ class MergeAdapters(L.Callback):
         # Collectives first, on every rank: gathering FSDP2-sharded tensors and the sharded forward of the check.
         # Rank 0 alone keeps the merged state (on the CPU); the others get {} (see merged_state_dict).
         with pl_module.full_weights() as keep:  # FSDP1 gathers its flat shards here, FSDP2's DTensors themselves
-            state = keep(merged_state_dict(pl_module.model))
+            state = keep(merged_state_dict(pl_module.model, keep=trainer.is_global_zero))
             adapter_files = (adapter_config(pl_module.model), keep(adapter_state_dict(pl_module.model)))
         batch, adapted = self._adapted_outputs(trainer, pl_module) if self.check else (None, None)
         if trainer.is_global_zero:
@@ -103,11 +104,10 @@ class MergeAdapters(L.Callback):
             folder.mkdir(parents=True, exist_ok=True)
             pl_module.save_merged_model(plain, folder)
             write_adapter(folder / "adapter", *adapter_files)
-            export_extra = getattr(pl_module, "export_extra", None)
-            if callable(export_extra):  # from the gathered adapter tensors: no collective on rank 0 alone
-                export_extra(folder, adapter_files[1])
+            # from the gathered adapter tensors: no collective on rank 0 alone
+            pl_module.export_extra(folder, adapter_files[1])
             self.written = folder
-            rank_zero_info(f"MergeAdapters: merged model and adapter ({get_strategy(pl_module.model)!r}) written to "
+            rank_zero_info(f"MergeAdapters: merged model and adapter ({strategy!r}) written to "
                            f"{folder}" + ("" if self.last_difference is None else
                                           f"; merged vs adapted relative difference {self.last_difference:.2e}"))
         trainer.strategy.barrier("merge_adapters")

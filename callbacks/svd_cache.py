@@ -7,6 +7,10 @@ a truncated, foreign or mismatched file is recomputed and rewritten (to a tempor
 
 In a multi-process run the global rank 0 fills the cache during ``setup`` (before the adapter is applied and
 before any sharding) while the other ranks wait at a barrier, then every rank loads.
+
+The cache is an :class:`~lit_peft.adapters.SVDProvider`: the LightningModule passes the one among the trainer's
+callbacks (:func:`find_svd_provider`) to ``strategy.apply(model, svd_provider=...)``; the strategy itself is never
+modified. Outside Lightning: ``SVFT(...).apply(model, svd_provider=SVDCache(cache_dir))``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import lightning as L
@@ -23,16 +28,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lit_peft.adapters import SVFT, resolve_targets
-from lit_peft.adapters.base import full_tensor
-from lit_peft.adapters.io import atomic_write
+from lit_peft.adapters import SVFT, SVDProvider, find_strategy, resolve_targets
+from lit_peft.distributed import full_tensor
 from lit_peft.adapters.svft import canonical_svd
+from lit_peft.adapters.targets import part_label
+from lit_peft.files import atomic_write
 
 CACHE_VERSION = "1"
 
 
 class SVDCache(L.Callback):
-    """Cache the SVDs that SVFT needs.
+    """Cache the SVDs that SVFT needs. The cache is an :class:`~lit_peft.adapters.SVDProvider`:
+    ``cache(name, weight, dtype)`` is :meth:`get_or_compute`.
 
     Args:
         cache_dir: folder of the cache entries (created if missing).
@@ -92,7 +99,7 @@ class SVDCache(L.Callback):
         atomic_write(self.path(key), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     def get_or_compute(self, name: str, weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """What SVFT calls for each adapted weight (installed as ``SVFT.svd_provider``)."""
+        """The SVD ``(U, S, V)`` of ``weight`` in ``dtype``: loaded from its entry, or computed and stored."""
         start = time.perf_counter()
         weight = full_tensor(weight)
         cached = self.load(weight, dtype)
@@ -106,24 +113,29 @@ class SVDCache(L.Callback):
         self.seconds += time.perf_counter() - start
         return tuple(t.to(weight.device) for t in svd)
 
+    __call__ = get_or_compute  # the SVDProvider protocol
+
     # -- Lightning hooks -------------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         adapter = getattr(pl_module, "adapter", None)
         if not isinstance(adapter, SVFT):
             rank_zero_info(f"SVDCache: the adapter is {type(adapter).__name__}, not SVFT; nothing to cache")
             return
-        if getattr(pl_module.model, "lit_peft_strategy", None) is not None:
+        if find_strategy(pl_module.model) is not None:
             return  # already adapted (a test or validate stage after fit in the same process)
-        dtype = getattr(torch, adapter.svd_dtype)
         if trainer.is_global_zero:
             targets = resolve_targets(pl_module.model, adapter.target_modules, adapter.fused_qkv,
                                       exclude=adapter.trainable_modules)
             for name, parts in targets.items():
                 weight = full_tensor(pl_module.model.get_submodule(name).weight)
                 for part, (start, stop) in parts.items():
-                    label = name if part == "all" else f"{name}.{part}"
-                    self.get_or_compute(label, weight[start:stop], dtype)
+                    self.get_or_compute(part_label(name, part), weight[start:stop], adapter.svd_torch_dtype)
             rank_zero_info(f"SVDCache: {self.hits} loaded, {self.misses} computed in {self.seconds:.1f}s "
                            f"({self.cache_dir})")
         trainer.strategy.barrier("svd_cache")
-        adapter.svd_provider = self.get_or_compute
+
+
+def find_svd_provider(callbacks: Iterable[object]) -> SVDProvider | None:
+    """The :class:`SVDCache` among ``callbacks`` (e.g. ``trainer.callbacks``), or ``None``: what a LightningModule
+    passes to ``strategy.apply(model, svd_provider=...)``."""
+    return next((c for c in callbacks if isinstance(c, SVDCache)), None)

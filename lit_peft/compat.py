@@ -13,6 +13,8 @@ Used (checked against Lightning 2.4–2.6 and torch 2.4–2.14):
   :func:`restore_loader_states`.
 - ``FSDPStrategy.kwargs`` (the keyword arguments Lightning passes to ``FullyShardedDataParallel``; lit_peft adds
   its ``auto_wrap_policy``): :func:`fsdp1_kwargs`.
+- ``LightningModule._trainer`` (the attached trainer or ``None``; the public ``trainer`` property raises when there
+  is none): :func:`trainer_of`.
 - ``lightning.fabric.utilities.seed.reset_seed`` (re-seed from ``seed_everything``'s seed): :func:`reset_seed`.
 - ``torch.nn.Module._apply`` (move a subset of a module's tensors, and the hook a module overrides to see every
   ``.to()``/``.cuda()``): :func:`apply_to_tensors`, :class:`MoveHook`.
@@ -67,6 +69,13 @@ def fsdp1_kwargs(strategy: Any) -> dict[str, Any]:
     if not isinstance(kwargs, dict):
         raise _missing(type(strategy).__name__, "kwargs", "giving FSDPStrategy lit_peft's auto_wrap_policy")
     return kwargs
+
+
+def trainer_of(module: Any) -> Any:
+    """The ``Trainer`` a LightningModule is attached to, or ``None``."""
+    if "_trainer" not in vars(module):
+        raise _missing(type(module).__name__, "_trainer", "knowing whether a Trainer is attached")
+    return module._trainer
 
 
 def reset_seed() -> None:

@@ -67,6 +67,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_peft.files import atomic_write_text
+
 TARGETS = ["qkv", "proj", "fc1", "fc2"]
 SQUARE_TARGETS = ["qkv", "proj"]  # with fused_qkv="split" the q, k, v parts are width x width
 
@@ -129,10 +131,11 @@ class Method:
 
 def _lit(strategy_factory, targets=TARGETS):
     def build(model, args):
+        from lit_peft.adapters import SVFT
+
         strategy = strategy_factory(args, targets)
-        if hasattr(strategy, "svd_provider") and getattr(args, "svd_cache", None):
-            strategy.svd_provider = _cached_svd(args.svd_cache)
-        strategy.apply(model)
+        cached = isinstance(strategy, SVFT) and getattr(args, "svd_cache", None)
+        strategy.apply(model, svd_provider=_cached_svd(args.svd_cache) if cached else None)
         return model, _side_notes(model, args)
     return build
 
@@ -142,7 +145,7 @@ def _cached_svd(directory: str):
     seeded base model, so the rows after the first SVFT row skip the SVDs (building a model is not timed)."""
     from lit_peft.callbacks import SVDCache
 
-    return SVDCache(directory).get_or_compute
+    return SVDCache(directory)
 
 
 def _side_notes(model, args) -> list[str]:
@@ -150,13 +153,12 @@ def _side_notes(model, args) -> list[str]:
     from lit_peft.adapters import adapted_layers
     picks = {}
     for layer in adapted_layers(model).values():
-        if not hasattr(layer, "use_weight_side") or getattr(layer, "side", None) is None:
+        if layer.side != "auto":
             continue
         x = torch.empty(args.batch, args.tokens, layer.in_features, device="meta")
         with torch.enable_grad():
             side = "weight" if layer.use_weight_side(x) else "activation"
-        if layer.side == "auto":
-            picks[side] = picks.get(side, 0) + 1
+        picks[side] = picks.get(side, 0) + 1
     if not picks:
         return []
     return ["auto → " + ", ".join(f"{side} ×{n}" for side, n in sorted(picks.items()))]
@@ -610,12 +612,7 @@ def write_section(path: str, key: str, title: str, body: str) -> None:
         text = pattern.sub(lambda _: section, text, count=1)
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 # -- main ------------------------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ Usage::
     python scripts/collect_results.py --table vtab --method boft_m2b8 oft_b16 --std
     python scripts/collect_results.py --table fewshot --runs-dir runs/fewshot --output results.md
 
-The papers' rows (experiments.md: BOFT paper Table 4; SVFT paper few-shot table, NeurIPS version, ViT-B) are typed
-in below as data. Method folder names map to them (``boft_m2b8`` -> "BOFT m=2 b=8", ``svft_banded_d4`` -> "SVFT
-banded d=4", ...); a method without a paper row (e.g. ``svft_banded_d2`` on VTAB, ``svft_top_k_d4`` few-shot)
-gets our row only.
+The papers' rows (BOFT paper Table 4; SVFT paper few-shot table, NeurIPS version, ViT-B; both in
+``docs/protocols.md``) are typed in below as data. Method folder names map to them (``boft_m2b8`` -> "BOFT m=2
+b=8", ``svft_banded_d4`` -> "SVFT banded d=4", ...); a method without a paper row (e.g. ``svft_banded_d2`` on VTAB,
+``svft_top_k_d4`` few-shot) gets our row only.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ VTAB_PAPER: "OrderedDict[str, PaperRow]" = OrderedDict(
 FEWSHOT_TASKS: tuple[str, ...] = ("cifar100", "food101", "flowers102", "resisc45")
 FEWSHOT_HEADERS: tuple[str, ...] = ("C100", "F101", "F102", "R45")
 
-#: SVFT paper few-shot table (NeurIPS version: Q and V only, ViT-B/16 in21k), plus the v1 rows of experiments.md.
+#: SVFT paper few-shot table (NeurIPS version: Q and V only, ViT-B/16 in21k), plus its v1 rows (``docs/protocols.md``).
 #: The paper prints no mean: ``mean=None``, computed from the four values.
 FEWSHOT_PAPER: "OrderedDict[str, PaperRow]" = OrderedDict(
     [

@@ -62,7 +62,7 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
             for layer in model.model.layers:
                 fully_shard(layer, mesh=mesh)
             fully_shard(model, mesh=mesh)
-        peak, state = measure(lambda: merged_state_dict(model))
+        peak, state = measure(lambda: merged_state_dict(model, keep=rank == 0))
         kept = sum(t.numel() * t.element_size() for t in {id(t): t for t in state.values()}.values())
         queue.put((sharded, rank, peak, kept, copy_bytes))
         del model, state

@@ -15,9 +15,9 @@ Usage::
     python scripts/vtab_sweep.py --method all --seeds 0 1 2 3 4 --slurm                 # + a SLURM array line
     python scripts/vtab_sweep.py --method oft_b16 | bash                                # run them one by one
 
-Learning rates (experiments.md, BOFT paper): the OFT b=16, BOFT m=4 b=4 and BOFT m=6 b=2 rows as printed; BOFT
-m=2 b=8 uses the m=4 b=4 row (its own lrs are not printed). The paper prints no LoRA lrs: LoRA r=4 uses one lr,
-1e-3, for every task (our choice, as in ``configs/vtab_lora.yaml``).
+Learning rates (BOFT paper, Table 4, as listed in ``docs/protocols.md``): the OFT b=16, BOFT m=4 b=4 and BOFT
+m=6 b=2 rows as printed; BOFT m=2 b=8 uses the m=4 b=4 row (its own lrs are not printed). The paper prints no LoRA
+lrs: LoRA r=4 uses one lr, 1e-3, for every task (our choice, as in ``configs/vtab_lora.yaml``).
 
 Seeds: ``seed_everything`` is the run seed; so is ``data.init_args.seed`` when the base config reads the prepared
 VTAB-1k folders (``source: folder``, where the 800/200 split is fixed by the list files and the data seed only
@@ -36,10 +36,12 @@ from pathlib import Path
 
 import yaml
 
+from lit_peft.files import atomic_write_text
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BASE_DIR = REPO / "configs"
 
-#: Task order of the BOFT paper's Table 4 (and of experiments.md); the lr rows below follow it.
+#: Task order of the BOFT paper's Table 4 (and of ``docs/protocols.md``); the lr rows below follow it.
 TASK_ORDER: tuple[str, ...] = (
     "cifar100", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397",
     "patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy",
@@ -47,7 +49,7 @@ TASK_ORDER: tuple[str, ...] = (
     "smallnorb_ele",
 )
 
-#: Per-task learning rates as printed (BOFT paper, via experiments.md), in TASK_ORDER.
+#: Per-task learning rates as printed (BOFT paper, Table 4; ``docs/protocols.md``), in TASK_ORDER.
 LR_OFT_B16 = (8e-4, 5e-4, 6e-4, 2e-3, 3e-4, 3e-3, 1e-3, 9e-4, 9e-4, 5e-4, 1e-3, 2e-4, 4e-4, 2e-3, 1e-3, 2e-3, 3e-4,
               4e-3, 6e-4)
 LR_BOFT_M4B4 = (8e-4, 5e-4, 6e-4, 2e-3, 3e-4, 3e-3, 1e-3, 1e-3, 6e-4, 9e-4, 2e-3, 2e-4, 3e-4, 3e-3, 9e-4, 4e-3, 5e-4,
@@ -91,14 +93,6 @@ def check_tasks() -> None:
     for method, spec in METHODS.items():
         if len(spec["lrs"]) != len(TASK_ORDER):
             raise RuntimeError(f"{method}: {len(spec['lrs'])} learning rates for {len(TASK_ORDER)} tasks")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``."""
-    from lit_peft.adapters.io import atomic_write
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def run_dir(out_dir: Path, method: str, task: str, seed: int) -> Path:

@@ -1,8 +1,8 @@
 """Dense, plainly written reference implementations of every adapter method's formula (float64).
 
-Nothing here imports from ``lit_peft``'s maths: every formula is written out from the method descriptions
-(``shared/design/methods.md``, with BOFT's effective weight ``W' = diag(s) · W · Rᵀ``), with dense matrices,
-explicit permutation matrices and ``torch.linalg.inv``. It is slow on purpose and meant for small widths only.
+Nothing here imports from ``lit_peft``'s maths: every formula is written out from the papers (as summarised in
+the module docstrings under ``lit_peft/adapters/``; BOFT's effective weight ``W' = diag(s) · W · Rᵀ``), with dense
+matrices, explicit permutation matrices and ``torch.linalg.inv``. It is slow on purpose and meant for small widths only.
 
 Conventions: a linear has ``W: (out, in)`` and computes ``y = x Wᵀ + b``. Each ``*_weight`` function returns the
 adapted ``(W', b')`` of one *part* (a contiguous range of output rows); :func:`reference_layer` stitches the parts

@@ -1,5 +1,5 @@
 """The public adapter API: save/load round trips, SVFT canonical signs, target matching, parameter counts,
-input validation (before anything is modified) and merging.
+input validation (before anything is modified), merging, and the atomic writes they use (``lit_peft.files``).
 
 Everything runs on tiny timm ViTs (2 blocks, width 64, 32×32 images) and small ``nn.Linear`` stacks; the
 paper-scale parameter counts (DINOv2-L BOFT, ViT-B SVFT) use stand-in module trees with the same names and
@@ -8,6 +8,7 @@ paper-scale parameter counts (DINOv2-L BOFT, ViT-B SVFT) use stand-in module tre
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -22,8 +23,9 @@ from torch import nn
 import lit_peft.adapters.io as adapter_io
 import lit_peft.adapters.svft as svft_module
 from lit_peft.adapters import (BOFT, OFT, SVFT, AdaptedLinear, DoRA, LoRA, VeRA, adapted_layers,
-                               adapter_state_dict, count_parameters, load_adapter, merge_adapters,
-                               resolve_targets, save_adapter)
+                               adapter_state_dict, count_parameters, find_strategy, get_strategy, load_adapter,
+                               merge_adapters, resolve_targets, save_adapter)
+from lit_peft.files import atomic_write, atomic_write_folder, atomic_write_text
 
 TENSORS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -74,9 +76,9 @@ def randomize(model: nn.Module, seed: int = 0, std: float = 0.1) -> None:
                 p.add_(noise)
             else:
                 p.copy_(noise)
-    strategy = getattr(model, "lit_peft_strategy", None)
+    strategy = find_strategy(model)
     if strategy is not None:
-        for name in strategy._trainable_module_names(model):
+        for name in strategy.trainable_module_names(model):
             for p in model.get_submodule(name).parameters():
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
 
@@ -90,7 +92,7 @@ def snapshot(model: nn.Module) -> dict:
 
 def assert_unmodified(model: nn.Module, before: dict) -> None:
     assert not any(isinstance(m, AdaptedLinear) for m in model.modules()), "model got adapted layers"
-    assert not hasattr(model, "lit_peft_strategy")
+    assert find_strategy(model) is None
     after = snapshot(model)
     assert after["types"] == before["types"]
     assert after["grad"] == before["grad"], "requires_grad flags changed"
@@ -156,8 +158,8 @@ def test_round_trip(case, tmp_path, images):
 
     fresh = make_vit(0)
     assert load_adapter(fresh, folder) is fresh
-    assert type(fresh.lit_peft_strategy) is cls
-    assert fresh.lit_peft_strategy.init_args() == strategy.init_args()
+    assert type(get_strategy(fresh)) is cls
+    assert get_strategy(fresh).init_args() == strategy.init_args()
     with torch.no_grad():
         loaded_out = fresh(images)
     torch.testing.assert_close(loaded_out, out, atol=1e-6, rtol=0)
@@ -206,6 +208,24 @@ def test_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, tmp_path / "a")
     assert os.listdir(tmp_path / "a") == []
+
+
+@pytest.mark.parametrize("case", list(ROUND_TRIP))
+def test_strategy_is_configuration_only(case, tmp_path, images):
+    """``apply`` leaves the strategy as constructed (its attributes are its arguments, nothing is added at run
+    time), so one strategy adapts several models, and each model's adapter saves from the model alone."""
+    strategy = ROUND_TRIP[case]()
+    before = copy.deepcopy(vars(strategy))
+    first = strategy.apply(make_vit(0))
+    second = strategy.apply(make_vit(1))
+    assert vars(strategy) == before
+    assert get_strategy(first) is strategy and get_strategy(second) is strategy
+    randomize(first, seed=1)
+    with torch.no_grad():
+        out = first(images)
+    fresh = load_adapter(make_vit(0), save_adapter(first, tmp_path / "a"))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(images), out, atol=1e-6, rtol=0)
 
 
 def test_save_without_adapters_is_an_error(tmp_path):
@@ -272,8 +292,9 @@ def test_svft_signs_canonical_under_flipped_torch_svd(saved_svft, images, monkey
         assert max_diff(uncanonical(images), expected) > 1e-3
 
 
-def test_svft_signs_canonical_under_other_svd_library(saved_svft, images, monkeypatch):
-    """An ``svd_provider`` (as an SVD cache would be) computing the SVD with numpy, signs flipped at random."""
+def test_svft_signs_canonical_under_other_svd_library(saved_svft, images):
+    """An ``svd_provider`` (as an SVD cache would be) computing the SVD with numpy, signs flipped at random, passed
+    to ``load_adapter``; the strategy is not modified by it."""
     folder, expected = saved_svft
     gen = torch.Generator().manual_seed(1)
     calls = []
@@ -284,17 +305,20 @@ def test_svft_signs_canonical_under_other_svd_library(saved_svft, images, monkey
         calls.append(name)
         return U.to(dtype), torch.from_numpy(S).to(dtype), Vh.mT.to(dtype)
 
-    original_init = SVFT.__init__
-
-    def init_with_provider(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.svd_provider = numpy_svd
-
-    monkeypatch.setattr(SVFT, "__init__", init_with_provider)
-    fresh = load_adapter(make_vit(0), folder)
+    fresh = load_adapter(make_vit(0), folder, svd_provider=numpy_svd)
     assert "blocks.0.attn.qkv.k" in calls and "blocks.1.mlp.fc2" in calls and len(calls) == 12
     with torch.no_grad():
         torch.testing.assert_close(fresh(images), expected, atol=2e-5, rtol=0)
+    assert vars(get_strategy(fresh)).keys() == get_strategy(fresh).init_args().keys()  # configuration only
+
+    # the same provider through apply: the same SVDs, so the same adapters as load_adapter rebuilt
+    calls.clear()
+    applied = SVFT(pattern="banded", off_diag=2).apply(make_vit(0), svd_provider=numpy_svd)
+    assert len(calls) == 12
+    for name, layer in adapted_layers(applied).items():
+        for key, tensor in layer.adapters.named_buffers():
+            if key.rpartition(".")[2] in ("U", "S", "V"):
+                assert torch.allclose(tensor, fresh.get_submodule(name).adapters.get_buffer(key), atol=1e-5), key
 
 
 def _svft_reference(layer, x):
@@ -463,7 +487,7 @@ def test_applying_twice_is_an_error():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="already has adapters"):
         BOFT(block_size=8).apply(model)
-    assert type(model.lit_peft_strategy) is LoRA
+    assert type(get_strategy(model)) is LoRA
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
@@ -685,6 +709,25 @@ def test_svft_bad_arguments(kwargs):
         SVFT(**kwargs)
 
 
+@pytest.mark.parametrize("make, needles", [
+    (lambda: BOFT(cayley="qr", side="both"), ["invalid BOFT arguments", "cayley must be 'exact' or 'neumann', got 'qr'",
+                                              "side must be 'auto', 'activation' or 'weight', got 'both'"]),
+    (lambda: SVFT(pattern="diagonal"), ["pattern must be 'plain', 'banded', 'random' or 'top_k', got 'diagonal'"]),
+    (lambda: LoRA(rank=0, dropout=1.0), ["invalid LoRA arguments", "rank must be an integer >= 1, got 0",
+                                         "dropout must be in [0, 1), got 1.0"]),
+    (lambda: DoRA(rank=2.5), ["invalid DoRA arguments", "rank must be an integer >= 1, got 2.5"]),
+    (lambda: VeRA(rank=-1, dropout=-0.1), ["rank must be an integer >= 1", "dropout must be in [0, 1), got -0.1"]),
+    (lambda: OFT(block_size=1), ["invalid OFT arguments", "block_size must be an integer >= 2, got 1"]),
+    (lambda: LoRA(fused_qkv="both"), ["fused_qkv must be 'split' or 'joint', got 'both'"]),
+])
+def test_bad_arguments_name_argument_and_valid_values(make, needles):
+    """Every invalid argument is reported at once, by name, with its valid values."""
+    with pytest.raises(ValueError) as err:
+        make()
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+
+
 def test_svft_top_k_needs_square():
     message = _expect_apply_error(make_vit(0), SVFT(pattern="top_k", off_diag=1), "blocks.0.mlp.fc1",
                                   "(256, 64)", "blocks.0.mlp.fc2", "(64, 256)", "top_k")
@@ -886,7 +929,7 @@ def test_merge_gives_plain_model(case, images):
     with torch.no_grad():
         adapted_out = model(images)
     assert merge_adapters(model) is model
-    assert not adapted_layers(model) and not hasattr(model, "lit_peft_strategy")
+    assert not adapted_layers(model) and find_strategy(model) is None
     for name in ADAPTED_VIT_LINEARS:
         assert type(model.get_submodule(name)) is nn.Linear
     plain = make_vit(3)
@@ -911,3 +954,46 @@ def test_merge_after_load(tmp_path, images):
     plain.load_state_dict(merged.state_dict(), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(plain(images), out, atol=2e-5, rtol=1e-5)
+
+
+# == 7. atomic writes (lit_peft.files) =============================================================================
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "f.txt"
+    atomic_write_text(path, "old\n")
+
+    def broken(tmp):
+        tmp.write_text("partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, broken)
+    assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["f.txt"]
+    atomic_write_text(tmp_path / "new" / "g.txt", "x")  # parents are created
+    assert (tmp_path / "new" / "g.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_atomic_write_folder(tmp_path, merge):
+    folder = tmp_path / "out"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "old").write_text("old")
+    (folder / "keep.txt").write_text("keep")
+
+    def write(tmp):
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "new").write_text("new")
+        (tmp / "a.txt").write_text("a")
+
+    assert atomic_write_folder(folder, write, merge=merge) == folder
+    expected = {"sub", "a.txt"} | ({"keep.txt"} if merge else set())
+    assert set(os.listdir(folder)) == expected
+    assert os.listdir(folder / "sub") == ["new"]  # a folder of the same name is replaced, not merged into
+    assert os.listdir(tmp_path) == ["out"]  # no temporary left
+
+    def broken(tmp):
+        (tmp / "a.txt").write_text("changed")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_folder(folder, broken, merge=merge)
+    assert (folder / "a.txt").read_text() == "a" and os.listdir(tmp_path) == ["out"]

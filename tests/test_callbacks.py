@@ -2,8 +2,8 @@
 
 Everything runs on a tiny timm ViT (2 blocks, width 64, 8×8 patches of 32×32 images) wrapped in ``ViTClassifier``.
 The SVD-cache unit tests drive the callback's ``setup`` with a minimal fake trainer, then apply the adapter with
-``configure_model`` exactly as Lightning does; the rest run a real ``lightning.Trainer`` for a few steps on
-scikit-learn's digits (``DigitsDataModule``, no download).
+``configure_model`` exactly as Lightning does (the module finds the cache among its trainer's callbacks); the rest
+run a real ``lightning.Trainer`` for a few steps on scikit-learn's digits (``DigitsDataModule``, no download).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import lit_peft.callbacks.svd_cache as svd_cache_module
 from lit_peft.adapters import BOFT, SVFT, BOFTLinear, LoRA, adapted_layers, load_adapter, read_adapter_config
 from lit_peft.adapters.svft import canonical_svd
 from lit_peft.callbacks import (MergeAdapters, MergeCheckError, OrthogonalityCheck, OrthogonalityError,
-                                SVDCache)
-from lit_peft.data.vision import DigitsDataModule
+                                SVDCache, find_svd_provider)
+from lit_peft.data import DigitsDataModule
 from lit_peft.modules.vision import ViTClassifier
 
 BACKBONE = "vit_tiny_patch16_224"
@@ -92,16 +92,20 @@ def make_module(adapter, seed: int = 0, **kwargs) -> ViTClassifier:
                          adapter=adapter, **kwargs)
 
 
-def fake_trainer():
-    """What ``SVDCache.setup`` reads from a trainer: the rank and a barrier."""
-    return SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda name=None: None))
+def fake_trainer(callbacks=()):
+    """What ``SVDCache.setup`` and ``configure_model`` read from a trainer: the rank, a barrier, the callbacks."""
+    return SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda name=None: None),
+                           callbacks=list(callbacks))
 
 
 def setup_with_cache(cache_dir: Path, module: ViTClassifier | None = None) -> tuple[ViTClassifier, SVDCache]:
-    """Lightning's order: the callback's ``setup`` (fills the cache), then ``configure_model`` (applies SVFT)."""
+    """Lightning's order: the callback's ``setup`` (fills the cache), then ``configure_model`` (applies SVFT with
+    the SVD provider it finds among the trainer's callbacks)."""
     module = module if module is not None else make_module(svft())
     cache = SVDCache(cache_dir=str(cache_dir))
-    cache.setup(fake_trainer(), module, "fit")
+    fake = fake_trainer([cache])
+    cache.setup(fake, module, "fit")
+    module.trainer = fake
     module.configure_model()
     return module, cache
 
@@ -146,6 +150,20 @@ def reference(images):
 
 
 # == SVDCache ======================================================================================================
+def test_svd_cache_is_an_svd_provider(tmp_path, images, reference):
+    """Outside Lightning the cache is passed to ``apply``; the strategy is left as constructed (no provider kept)."""
+    ref_out, _ = reference
+    cache = SVDCache(cache_dir=str(tmp_path / "svd"))
+    assert find_svd_provider([object(), cache]) is cache and find_svd_provider([]) is None
+    for run, expected in enumerate([(N_PARTS, 0), (N_PARTS, N_PARTS)]):
+        module = make_module(svft())
+        strategy = module.adapter
+        strategy.apply(module.model, svd_provider=cache)
+        assert (cache.misses, cache.hits) == expected, f"run {run}"
+        assert set(vars(strategy)) == set(strategy.init_args())
+        assert torch.equal(outputs(module, images), ref_out)
+
+
 def test_svd_cache_miss_then_hit(tmp_path, images, reference, monkeypatch):
     cache_dir = tmp_path / "svd"
     ref_out, ref_svd = reference
@@ -354,7 +372,7 @@ def test_svd_cache_other_adapter_is_a_no_op(tmp_path, lightning_log):
     cache.setup(fake_trainer(), module, "fit")
     assert (cache.hits, cache.misses) == (0, 0)
     assert not (tmp_path / "svd").exists()
-    assert module.adapter.__dict__.get("svd_provider") is None
+    assert "svd_provider" not in vars(module.adapter)
     assert lightning_log.messages("SVDCache: the adapter is BOFT")
 
 
@@ -538,8 +556,8 @@ def test_merge_adapters_writes_a_plain_model(method, tmp_path, digits, images):
 def test_merge_adapters_planted_mismatch_writes_nothing(tmp_path, digits, monkeypatch):
     real = merge_module.merged_state_dict
 
-    def perturbed(model):
-        state = real(model)
+    def perturbed(model, **kwargs):
+        state = real(model, **kwargs)
         # Random, not a constant shift: fc1 reads LayerNorm outputs (zero mean over features), so adding a constant
         # to every entry of its weight would change nothing.
         weight = state["blocks.0.mlp.fc1.weight"]

@@ -22,6 +22,7 @@ def test_the_installed_versions_have_every_private_interface():
 
     assert isinstance(compat.fsdp1_kwargs(FSDPStrategy()), dict)
     compat.reset_seed()
+    assert compat.trainer_of(lightning.LightningModule()) is None
     layer = nn.Linear(2, 2)
     weight = layer.weight
     compat.apply_to_tensors(layer, lambda t: t.double())
@@ -34,6 +35,7 @@ def test_the_installed_versions_have_every_private_interface():
     (lambda: compat.restore_loader_states(types.SimpleNamespace(fit_loop=types.SimpleNamespace())),
      "_load_combined_loader_states"),
     (lambda: compat.fsdp1_kwargs(types.SimpleNamespace()), "kwargs"),
+    (lambda: compat.trainer_of(types.SimpleNamespace()), "_trainer"),
 ])
 def test_a_missing_interface_fails_loudly_with_the_version(call, what):
     with pytest.raises(compat.UnsupportedVersionError, match=rf"{what}.*lightning {lightning.__version__}"):

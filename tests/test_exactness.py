@@ -43,6 +43,7 @@ from lit_peft.adapters import (  # noqa: E402
     LoRA,
     VeRA,
     adapted_layers,
+    find_strategy,
     merge_adapters,
     orthogonality_error,
 )
@@ -488,12 +489,20 @@ def test_merge_is_exact_and_idempotent(factory):
         ref_params = reference_params(copy.deepcopy(base).double(), adapters64)
     x = vit_input(torch.float32)
     with torch.no_grad():
+        adapted64 = adapters64(x.double())
+        merge_adapters(adapters64)
+        merged64 = adapters64(x.double())
+        rounded = copy.deepcopy(adapters64).float()(x)  # the exact merge, stored in float32
         adapted = model(x)
         merge_adapters(model)
         merged = model(x)
-    assert rel_err(merged, adapted) <= 1e-5
+    assert rel_err(merged64, adapted64) <= 1e-12  # the merge is exact: float64 shows rounding only
+    # float32: storing even the exact merged weights in float32 moves the outputs (~1e-5 here, machine-dependent
+    # through the BLAS kernels); the float32 merge may add as much again, beside the adapted forward's own rounding
+    floor = rel_err(rounded, adapted64)
+    assert rel_err(merged, adapted) <= max(1e-5, 2 * floor + rel_err(adapted, adapted64))
     assert not any(isinstance(m, AdaptedLinear) for m in model.modules())
-    assert not hasattr(model, "lit_peft_strategy")
+    assert find_strategy(model) is None
     for name in names:
         lin = model.get_submodule(name)
         assert type(lin) is nn.Linear and lin.weight.dtype == torch.float32

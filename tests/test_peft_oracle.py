@@ -31,7 +31,7 @@ Mapping of the tensors, peft -> lit_peft (adapter name ``"default"``, lit_peft p
   peft's Cayley–Neumann path (``use_cayley_neumann=True``, its default; the series of peft >= 0.18) is oriented
   the other way round: with ``n`` terms it computes ``(I + S)(I + S + … + S^(n−2))``, which is our
   ``cayley="neumann"`` with ``skew = +weight`` and ``neumann_terms = n − 2``. So peft's exact and Neumann paths
-  are transposes of each other (the defect noted in design/methods.md); ours agree.
+  are transposes of each other (a defect of peft's); ours agree.
 * VeRA: ``vera_lambda_d.default (r,)`` -> ``lambda_d``, ``vera_lambda_b.default (out,)`` -> ``lambda_b``; the shared
   ``base_model.vera_A.default (r, max_in)`` / ``vera_B.default (max_out, r)`` equal our ``projections.A`` / ``.B``
   bit for bit when ``projection_prng_key == seed`` (both Kaiming-uniform, gain √2, fan-in = columns, A drawn

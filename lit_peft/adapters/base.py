@@ -22,35 +22,34 @@ q, k and v as separate matrices (and count parameters that way), so by default (
 ``"qkv.v"``): the other rows then stay frozen. ``fused_qkv="joint"`` treats the fused matrix as one part.
 
 Parameter names in state dicts therefore read ``blocks.0.attn.qkv.adapters.q.<tensor>`` and
-``blocks.0.mlp.fc1.adapters.all.<tensor>``.
+``blocks.0.mlp.fc1.adapters.all.<tensor>``. Which layers and parts a strategy targets is decided in
+:mod:`lit_peft.adapters.targets`.
+
+A strategy holds configuration only. What ``apply`` needs at run time besides the model (an SVD provider for SVFT,
+e.g. :class:`lit_peft.callbacks.SVDCache`) is an argument of ``apply``; what the adapted layers share (VeRA's random
+pair) is built by ``apply`` and lives in the layers. ``apply`` records the strategy on the model
+(:func:`find_strategy`, :func:`get_strategy`), so that saving and merging know what was applied.
 """
 
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ALL = "all"
-QKV_PARTS = ("q", "k", "v")
-FUSED_QKV_NAMES = ("qkv",)
+from ..distributed.tensors import full_tensor
+from .targets import FUSED_QKV_MODES, TargetSpec, matching_module_names, resolve_targets
 
-TargetSpec = str | Sequence[str]
+if TYPE_CHECKING:
+    from .svft import SVDProvider
 
-
-def full_tensor(t: Tensor) -> Tensor:
-    """The whole tensor, also when ``t`` is a DTensor shard (FSDP2); plain tensors come back unchanged. A shard kept
-    in host memory by FSDP2's CPU offload is gathered on its mesh's device (NCCL gathers GPU tensors only)."""
-    if not hasattr(t, "full_tensor"):
-        return t
-    if t.device.type != t.device_mesh.device_type:
-        t = t.to(t.device_mesh.device_type)
-    return t.full_tensor()
+#: Which formulation a layer with two of them (BOFT, SVFT) computes: ``"auto"`` picks the cheaper per call.
+Side = Literal["auto", "activation", "weight"]
+SIDES = ("auto", "activation", "weight")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,9 +60,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class AdaptedLinear(nn.Module):
     """A frozen ``nn.Linear`` plus one adapter per part (a contiguous range of output rows).
 
-    Subclasses implement :meth:`adapted_rows` (the adapted weight and bias of one part, used for merging and
-    for weight-side forwards) and :meth:`forward`.
+    Subclasses implement :meth:`adapted_rows` (the adapted weight and bias of one part, used for merging and for
+    weight-side forwards) and :meth:`part_output` (one part's output computed from the activations). A method with
+    both formulations sets :attr:`side` and implements :meth:`side_costs`; :meth:`forward` then picks one per call.
     """
+
+    #: ``"auto"``, ``"activation"`` or ``"weight"`` for a layer with both formulations; ``None``: activations only.
+    side: Side | None = None
 
     def __init__(self, base: nn.Linear, parts: Mapping[str, tuple[int, int]]):
         super().__init__()
@@ -118,6 +121,29 @@ class AdaptedLinear(nn.Module):
             biases.append(b)
         return _cat_rows(weights, biases, self.row_blocks())
 
+    def part_output(self, part: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The adapted output rows of ``part`` for the activations ``x``, from its base rows ``weight``, ``bias``."""
+        raise NotImplementedError
+
+    def side_costs(self, tokens: int, backward: bool) -> tuple[int, int]:
+        """Extra multiply-adds over the frozen layer of ``(weight side, activation side)`` for ``tokens`` tokens,
+        ``backward``: with a backward pass through the adapter (what ``side="auto"`` compares)."""
+        raise NotImplementedError
+
+    def use_weight_side(self, x: Tensor) -> bool:
+        """Whether :meth:`forward` forms the adapted weight (one GEMM) rather than adapting the activations."""
+        if self.side != "auto":
+            return self.side == "weight"
+        tokens = x.numel() // self.in_features
+        backward = torch.is_grad_enabled() and any(p.requires_grad for p in self.adapters.parameters())
+        weight_cost, activation_cost = self.side_costs(tokens, backward)
+        return weight_cost < activation_cost
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.use_weight_side(x):
+            return self.forward_weight_side(x)
+        return self.forward_by_rows(x, self.part_output)
+
     def adapted_weight(self) -> tuple[Tensor, Tensor | None]:
         """The full adapted ``(W', b')`` for a forward pass (autograd flows into the adapter tensors)."""
         return self._assemble(self.weight, self.bias, self.training)
@@ -170,135 +196,36 @@ def adapter_tensor(t: Tensor, like: Tensor) -> Tensor:
     return full_tensor(t).to(like.dtype)
 
 
-# -- target matching ---------------------------------------------------------------------------------------------
-def _is_fused_qkv(name: str, module: nn.Module) -> bool:
-    return (isinstance(module, nn.Linear) and name.rpartition(".")[2] in FUSED_QKV_NAMES
-            and module.out_features % 3 == 0)
+# -- the strategy applied to a model -----------------------------------------------------------------------------
+#: The attribute of an adapted model that holds its strategy (set by ``apply``; read through the functions below).
+STRATEGY_ATTRIBUTE = "lit_peft_strategy"
 
 
-def _entry_matches(entry: str, name: str) -> bool:
-    return name == entry or name.endswith("." + entry)
+def find_strategy(model: nn.Module) -> AdapterStrategy | None:
+    """The strategy applied to ``model`` (by ``apply`` or ``load_adapter``), or ``None`` if it has no adapters."""
+    return getattr(model, STRATEGY_ATTRIBUTE, None)
 
 
-def head_modules(model: nn.Module) -> set[int]:
-    """``id``s of the output head(s): timm's ``get_classifier()``, Hugging Face's ``get_output_embeddings()``."""
-    heads = set()
-    for getter in ("get_classifier", "get_output_embeddings"):
-        fn = getattr(model, getter, None)
-        if callable(fn):
-            try:
-                head = fn()
-            except (AttributeError, NotImplementedError, TypeError):
-                head = None
-            if isinstance(head, nn.Module):
-                heads.add(id(head))
-    if not heads:
-        for name, module in model.named_modules():
-            if name.rpartition(".")[2] in ("head", "classifier", "lm_head", "score"):
-                heads.add(id(module))
-    return heads
+def get_strategy(model: nn.Module) -> AdapterStrategy:
+    """As :func:`find_strategy`, but a model without adapters is a ``ValueError``."""
+    strategy = find_strategy(model)
+    if strategy is None:
+        raise ValueError(f"{type(model).__name__} has no adapters: call strategy.apply(model) or load_adapter first")
+    return strategy
 
 
-def _describe_linears(model: nn.Module) -> str:
-    leaves: dict[str, int] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            leaf = name.rpartition(".")[2] or name
-            if _is_fused_qkv(name, module):
-                leaf += " (parts qkv.q, qkv.k, qkv.v)"
-            leaves[leaf] = leaves.get(leaf, 0) + 1
-    if not leaves:
-        return "the model has no nn.Linear layers"
-    return "linear layers by name: " + ", ".join(f"{leaf} ×{n}" for leaf, n in leaves.items())
+def detach_strategy(model: nn.Module) -> AdapterStrategy | None:
+    """Forget the strategy recorded on ``model`` (after merging or undoing its adapters); returns it, or ``None``."""
+    strategy = find_strategy(model)
+    if strategy is not None:
+        delattr(model, STRATEGY_ATTRIBUTE)
+    return strategy
 
 
-def resolve_targets(model: nn.Module, target_modules: TargetSpec, fused_qkv: str = "split",
-                    exclude: Sequence[str] = ()) -> dict[str, dict[str, tuple[int, int]]]:
-    """Map each targeted linear's dotted name to its parts ``{part: (start_row, stop_row)}``.
-
-    ``target_modules`` is a list of names (a module matches an entry equal to its dotted name or to a dotted
-    suffix of it; ``"qkv.q"`` names the q part of a fused ``qkv``), a single string (a regular expression that
-    must match the whole dotted name, parts included as ``....qkv.q``), or ``"all-linear"`` (every ``nn.Linear``
-    except the output head). Raises ``ValueError`` for an entry that matches nothing, for a non-linear module
-    named exactly, and for an entry whose matches are all non-linear (suffix matches of non-linear modules
-    beside linear ones are skipped: ``"proj"`` targets attention projections, not timm's ``patch_embed.proj``).
-    """
-    if fused_qkv not in ("split", "joint"):
-        raise ValueError(f"fused_qkv must be 'split' or 'joint', got {fused_qkv!r}")
-    modules = dict(model.named_modules())
-    excluded = {name for name in modules for e in exclude if _entry_matches(e, name)}
-    heads = head_modules(model)
-    requested: dict[str, set[str]] = {}
-    problems: list[str] = []
-
-    def parts_of(name: str, module: nn.Module) -> tuple[str, ...]:
-        return QKV_PARTS if fused_qkv == "split" and _is_fused_qkv(name, module) else (ALL,)
-
-    def add(name: str, parts: Sequence[str]):
-        requested.setdefault(name, set()).update(parts)
-
-    def add_matches(label: str, names: Sequence[str], exact: Sequence[str] = ()):
-        """Linear matches are targets; a non-linear match is an error when it was named exactly or when the
-        entry matched no linear at all (a suffix like ``proj`` also hitting timm's ``patch_embed.proj`` conv)."""
-        linear = [n for n in names if isinstance(modules[n], nn.Linear)]
-        other = [n for n in names if not isinstance(modules[n], nn.Linear) and (n in exact or not linear)]
-        for n in other:
-            problems.append(f"target {label!r} matches {n!r}, a {type(modules[n]).__name__}, not an nn.Linear")
-        for n in linear:
-            add(n, parts_of(n, modules[n]))
-        return len(names)
-
-    candidates = [n for n in modules if n and n not in excluded]
-    if isinstance(target_modules, str) and target_modules == "all-linear":
-        for name in candidates:
-            if isinstance(modules[name], nn.Linear) and id(modules[name]) not in heads:
-                add(name, parts_of(name, modules[name]))
-    elif isinstance(target_modules, str):
-        try:
-            pattern = re.compile(target_modules)
-        except re.error as err:
-            raise ValueError(f"target_modules regex {target_modules!r} does not compile: {err}") from err
-        hits = add_matches(target_modules, [n for n in candidates if pattern.fullmatch(n)])
-        if fused_qkv == "split":
-            for name in candidates:
-                if _is_fused_qkv(name, modules[name]) and not pattern.fullmatch(name):
-                    parts = [p for p in QKV_PARTS if pattern.fullmatch(f"{name}.{p}")]
-                    if parts:
-                        add(name, parts)
-                        hits += 1
-        if hits == 0:
-            problems.append(f"target_modules regex {target_modules!r} matches no module")
-    else:
-        entries = list(target_modules)
-        if not entries:
-            problems.append("target_modules is an empty list")
-        for entry in entries:
-            hits = add_matches(entry, [n for n in candidates if _entry_matches(entry, n)], exact=[entry])
-            for name in candidates:
-                if not _is_fused_qkv(name, modules[name]):
-                    continue
-                for p in QKV_PARTS:
-                    if _entry_matches(entry, f"{name}.{p}"):
-                        hits += 1
-                        if fused_qkv == "joint":
-                            problems.append(f"target {entry!r} names a part of the fused {name!r}, but "
-                                            f"fused_qkv='joint'; use fused_qkv='split' or target {name!r}")
-                        else:
-                            add(name, [p])
-            if hits == 0:
-                problems.append(f"target {entry!r} matches no module")
-    if problems:
-        raise ValueError("cannot apply adapter:\n  - " + "\n  - ".join(problems) + "\n" + _describe_linears(model))
-
-    resolved = {}
-    for name, parts in requested.items():
-        out = modules[name].out_features
-        if ALL in parts:
-            resolved[name] = {ALL: (0, out)}
-        else:
-            third = out // 3
-            resolved[name] = {p: (i * third, (i + 1) * third) for i, p in enumerate(QKV_PARTS) if p in parts}
-    return resolved
+def _one_of(choices: Sequence) -> str:
+    """``'a', 'b' or 'c'``."""
+    quoted = [repr(c) for c in choices]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
 # -- strategies --------------------------------------------------------------------------------------------------
@@ -306,12 +233,13 @@ class AdapterStrategy:
     """Base class of every adapter method: a serialisable config that adapts a model in place.
 
     Subclasses store each constructor argument under an attribute of the same name (that is what
-    :meth:`init_args` reads, and what ``save_adapter`` writes) and implement :meth:`check_layer` and
-    :meth:`make_layer`.
+    :meth:`init_args` reads, and what ``save_adapter`` writes), check them with :meth:`check_arguments`, and
+    implement :meth:`make_layer` (and :meth:`check_layer`, :meth:`prepare` where needed). A strategy holds no
+    runtime state: ``apply`` may be called on any number of models.
 
     Args:
         target_modules: which ``nn.Linear`` layers to adapt: a list of names, a full-match regex, or
-            ``"all-linear"`` (see :func:`resolve_targets`).
+            ``"all-linear"`` (see :func:`~lit_peft.adapters.targets.resolve_targets`).
         trainable_modules: names of modules (same matching as a target list) kept fully trainable and saved
             with the adapter, e.g. a classification ``head``.
         fused_qkv: ``"split"`` gives a fused ``qkv`` linear separate q, k, v adapters (as the papers count them);
@@ -323,8 +251,34 @@ class AdapterStrategy:
         self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
         self.trainable_modules = list(trainable_modules)
         self.fused_qkv = fused_qkv
-        if fused_qkv not in ("split", "joint"):
-            raise ValueError(f"fused_qkv must be 'split' or 'joint', got {fused_qkv!r}")
+        self.check_arguments(choices={"fused_qkv": FUSED_QKV_MODES})
+
+    def check_arguments(self, *, integers: Mapping[str, int] | None = None, fractions: Sequence[str] = (),
+                        choices: Mapping[str, Sequence] | None = None, problems: Sequence[str] = ()) -> None:
+        """Raise one ``ValueError`` naming every invalid constructor argument, each read from its attribute.
+
+        Args:
+            integers: ``{name: minimum}``: an integer at least ``minimum``.
+            fractions: names of probabilities in ``[0, 1)`` (dropouts).
+            choices: ``{name: valid values}``.
+            problems: messages of the subclass's own checks (arguments that constrain each other).
+        """
+        found = []
+        for name, minimum in (integers or {}).items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < minimum:
+                found.append(f"{name} must be an integer >= {minimum}, got {value!r}")
+        for name in fractions:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+                found.append(f"{name} must be in [0, 1), got {value!r}")
+        for name, valid in (choices or {}).items():
+            value = getattr(self, name)
+            if value not in valid:
+                found.append(f"{name} must be {_one_of(valid)}, got {value!r}")
+        found += problems
+        if found:
+            raise ValueError(f"invalid {type(self).__name__} arguments:\n  - " + "\n  - ".join(found))
 
     def init_args(self) -> dict:
         """The constructor arguments, as JSON-friendly values (what ``save_adapter`` writes)."""
@@ -348,22 +302,37 @@ class AdapterStrategy:
         """Problems (as messages naming ``name``) that prevent adapting this layer; empty if none."""
         return []
 
-    def make_layer(self, name: str, linear: nn.Linear, parts: Mapping[str, tuple[int, int]]) -> AdaptedLinear:
+    def prepare(self, model: nn.Module, targets: Mapping[str, Mapping[str, tuple[int, int]]], *,
+                svd_provider: SVDProvider | None = None) -> object:
+        """Called once by :meth:`apply` after every check passed, before the layers are built. What it returns is
+        handed to every :meth:`make_layer` call as ``shared``: the runtime objects the layers use (VeRA's shared
+        random pair, SVFT's SVD provider). ``None`` by default."""
+        return None
+
+    def make_layer(self, name: str, linear: nn.Linear, parts: Mapping[str, tuple[int, int]],
+                   shared: object = None) -> AdaptedLinear:
+        """The adapted layer replacing ``linear`` (named ``name``); ``shared``: what :meth:`prepare` returned."""
         raise NotImplementedError
 
-    def prepare(self, model: nn.Module, targets: Mapping[str, Mapping[str, tuple[int, int]]]) -> None:
-        """Called once after all checks passed and before layers are built (e.g. VeRA's shared projections)."""
-
     def extra_tensors(self, model: nn.Module) -> dict[str, Tensor]:
-        """Tensors shared across layers that ``save_adapter`` writes beside the per-layer ones (none by default)."""
+        """Tensors shared across layers that ``save_adapter`` writes beside the per-layer ones (none by default);
+        read from ``model``'s adapted layers."""
         return {}
 
     def load_extra_tensors(self, model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
-        """Restore what :meth:`extra_tensors` saved."""
+        """Restore what :meth:`extra_tensors` saved into ``model``'s adapted layers."""
+
+    def trainable_module_names(self, model: nn.Module) -> list[str]:
+        """The names of the modules of ``model`` that ``trainable_modules`` names (``ValueError`` if one is absent)."""
+        return matching_module_names(model, self.trainable_modules)
 
     # -- the public entry point --------------------------------------------------------------------------------
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Adapt ``model`` in place and return it: base weights frozen, adapter tensors trainable."""
+    def apply(self, model: nn.Module, *, svd_provider: SVDProvider | None = None) -> nn.Module:
+        """Adapt ``model`` in place and return it: base weights frozen, adapter tensors trainable.
+
+        ``svd_provider``: where SVFT takes each weight's SVD from instead of computing it (e.g. an
+        :class:`~lit_peft.callbacks.SVDCache`); other methods ignore it.
+        """
         if any(isinstance(m, AdaptedLinear) for m in model.modules()):
             raise ValueError(f"{type(model).__name__} already has adapters; merge_adapters() or rebuild it first")
         targets = resolve_targets(model, self.target_modules, self.fused_qkv, exclude=self.trainable_modules)
@@ -371,34 +340,21 @@ class AdapterStrategy:
         modules = dict(model.named_modules())
         for name, parts in targets.items():
             problems += self.check_layer(name, modules[name], parts)
-        trainable = self._trainable_module_names(model)
+        trainable = self.trainable_module_names(model)
         if problems:
             raise ValueError(f"cannot apply {type(self).__name__}:\n  - " + "\n  - ".join(problems))
-        self.prepare(model, targets)
+        shared = self.prepare(model, targets, svd_provider=svd_provider)
         for param in model.parameters():
             param.requires_grad_(False)
         for name, parts in targets.items():
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, leaf, self.make_layer(name, modules[name], parts))
+            setattr(parent, leaf, self.make_layer(name, modules[name], parts, shared))
         for name in trainable:
             for param in model.get_submodule(name).parameters():
                 param.requires_grad_(True)
-        model.lit_peft_strategy = self
+        setattr(model, STRATEGY_ATTRIBUTE, self)
         return model
-
-    def _trainable_module_names(self, model: nn.Module) -> list[str]:
-        names, missing = [], []
-        all_names = [n for n, _ in model.named_modules() if n]
-        for entry in self.trainable_modules:
-            hits = [n for n in all_names if _entry_matches(entry, n)]
-            if not hits:
-                missing.append(entry)
-            names += hits
-        if missing:
-            top = ", ".join(n for n in all_names if "." not in n)
-            raise ValueError(f"trainable_modules {missing} match no module; top-level modules are: {top}")
-        return names
 
 
 #: Name components that module wrappers insert and that their state dicts leave out: FSDP1's
@@ -426,7 +382,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         if id(param) in seen:
             continue
         seen.add(id(param))
-        n = full_tensor(param).numel() if hasattr(param, "full_tensor") else param.numel()
+        n = full_tensor(param).numel()
         total += n
         trainable += n if param.requires_grad else 0
     return {"adapter": adapter, "trainable": trainable, "total": total}

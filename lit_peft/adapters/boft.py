@@ -40,8 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import (AdaptedLinear, AdapterStrategy, TargetSpec, adapter_tensor, adapted_layers, compute_dtype,
-                   full_tensor)
+from ..distributed import full_tensor
+from .base import SIDES, AdaptedLinear, AdapterStrategy, Side, adapter_tensor, adapted_layers, compute_dtype
+from .targets import TargetSpec
+
+CAYLEY_METHODS = ("exact", "neumann")
 
 NEUMANN_TOLERANCE = 1e-4
 # Extra memory traffic of one factor-by-factor rotation, in multiply-add equivalents per element: a reshape,
@@ -201,8 +204,7 @@ class BOFTLinear(AdaptedLinear):
 
     def __init__(self, base: nn.Linear, parts: Mapping[str, tuple[int, int]], block_size: int,
                  n_butterfly_factors: int, dropout: float = 0.0, scale: bool = True, train_bias: bool = False,
-                 cayley: Literal["exact", "neumann"] = "exact", neumann_terms: int = 5,
-                 side: Literal["auto", "activation", "weight"] = "auto"):
+                 cayley: Literal["exact", "neumann"] = "exact", neumann_terms: int = 5, side: Side = "auto"):
         super().__init__(base, parts)
         self.block_size = block_size
         self.n_butterfly_factors = n_butterfly_factors
@@ -250,35 +252,26 @@ class BOFTLinear(AdaptedLinear):
         scale, bias = self._scale_and_bias(part, bias, weight)
         return (rotated if scale is None else rotated * scale[:, None]), bias
 
-    def _activation_part(self, part: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def part_output(self, part, x, weight, bias):
         y = F.linear(self._rotate(x, self.orthogonal_blocks(part, self.training), transpose=True), weight)
         scale, bias = self._scale_and_bias(part, bias, y)
         if scale is None:
             return y if bias is None else y + bias
         return y * scale if bias is None else torch.addcmul(bias, y, scale)  # one pass for s ⊙ y + b
 
-    def use_weight_side(self, x: Tensor) -> bool:
-        """Whether rotating ``W`` beats rotating the activations for this input (``side="auto"``).
+    def side_costs(self, tokens, backward):
+        """Rotating ``W`` against rotating the activations, per input feature.
 
-        Per input feature: rotating the activations costs ``passes · T · c`` (``c`` = :func:`rotation_cost`,
-        ``passes`` = 3 with a backward pass: forward, input gradient, ``Q`` gradient); rotating the weight costs
-        ``passes · out · c`` plus, with a backward pass, the full weight gradient ``gᵀx`` (``T · out``).
+        Rotating the activations costs ``passes · T · c`` (``c`` = :func:`rotation_cost`, ``passes`` = 3 with a
+        backward pass: forward, input gradient, ``Q`` gradient); rotating the weight costs ``passes · out · c``
+        plus, with a backward pass, the full weight gradient ``gᵀx`` (``T · out``).
         """
-        if self.side != "auto":
-            return self.side == "weight"
-        tokens = x.numel() // self.in_features
         cost, _ = rotation_cost(self.block_size, self.n_butterfly_factors)
-        backward = torch.is_grad_enabled() and any(p.requires_grad for p in self.adapters.parameters())
         passes = 3 if backward else 1
         adapted_rows = sum(stop - start for start, stop in self.parts.values())
         activation = passes * tokens * cost * len(self.parts)
         weight = passes * adapted_rows * cost + (tokens * adapted_rows if backward else 0)
-        return weight < activation
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.use_weight_side(x):
-            return self.forward_weight_side(x)
-        return self.forward_by_rows(x, self._activation_part)
+        return weight, activation
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, block_size={self.block_size}, "
@@ -304,9 +297,8 @@ class BOFT(AdapterStrategy):
 
     def __init__(self, block_size: int = 8, n_butterfly_factors: int = 2, dropout: float = 0.0,
                  scale: bool = True, train_bias: bool = False, cayley: Literal["exact", "neumann"] = "exact",
-                 neumann_terms: int = 5, side: Literal["auto", "activation", "weight"] = "auto",
-                 target_modules: TargetSpec = "all-linear", trainable_modules: list[str] | tuple[str, ...] = (),
-                 fused_qkv: Literal["split", "joint"] = "split"):
+                 neumann_terms: int = 5, side: Side = "auto", target_modules: TargetSpec = "all-linear",
+                 trainable_modules: list[str] | tuple[str, ...] = (), fused_qkv: Literal["split", "joint"] = "split"):
         super().__init__(target_modules, trainable_modules, fused_qkv)
         self.block_size = block_size
         self.n_butterfly_factors = n_butterfly_factors
@@ -317,23 +309,13 @@ class BOFT(AdapterStrategy):
         self.neumann_terms = neumann_terms
         self.side = side
         problems = []
-        if not isinstance(block_size, int) or block_size < 2:
-            problems.append(f"block_size must be an integer >= 2, got {block_size!r}")
-        if not isinstance(n_butterfly_factors, int) or n_butterfly_factors < 1:
-            problems.append(f"n_butterfly_factors must be an integer >= 1, got {n_butterfly_factors!r}")
-        elif n_butterfly_factors > 1 and isinstance(block_size, int) and block_size % 2:
-            problems.append(f"block_size must be even when n_butterfly_factors > 1 (a butterfly factor pairs "
-                            f"half-blocks), got block_size={block_size}")
-        if not 0.0 <= dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {dropout}")
-        if cayley not in ("exact", "neumann"):
-            problems.append(f"cayley must be 'exact' or 'neumann', got {cayley!r}")
-        if not isinstance(neumann_terms, int) or neumann_terms < 1:
-            problems.append(f"neumann_terms must be an integer >= 1, got {neumann_terms!r}")
-        if side not in ("auto", "activation", "weight"):
-            problems.append(f"side must be 'auto', 'activation' or 'weight', got {side!r}")
-        if problems:
-            raise ValueError(f"invalid {type(self).__name__} arguments:\n  - " + "\n  - ".join(problems))
+        if isinstance(n_butterfly_factors, int) and isinstance(block_size, int) and n_butterfly_factors > 1:
+            if block_size % 2:
+                problems.append(f"block_size must be even when n_butterfly_factors > 1 (a butterfly factor pairs "
+                                f"half-blocks), got block_size={block_size}")
+        self.check_arguments(integers={"block_size": 2, "n_butterfly_factors": 1, "neumann_terms": 1},
+                             fractions=["dropout"], choices={"cayley": CAYLEY_METHODS, "side": SIDES},
+                             problems=problems)
 
     def check_layer(self, name, linear, parts):
         n, b, m = linear.in_features, self.block_size, self.n_butterfly_factors
@@ -351,7 +333,7 @@ class BOFT(AdapterStrategy):
                     f"(needs in_features divisible by b·2^(m-1) = {b * 2 ** (m - 1)}); at most {max_m} factors fit"]
         return []
 
-    def make_layer(self, name, linear, parts):
+    def make_layer(self, name, linear, parts, shared=None):
         return BOFTLinear(linear, parts, self.block_size, self.n_butterfly_factors, self.dropout, self.scale,
                           self.train_bias, self.cayley, self.neumann_terms, self.side)
 
@@ -363,8 +345,7 @@ class OFT(BOFT):
     """
 
     def __init__(self, block_size: int = 16, dropout: float = 0.0, scale: bool = True, train_bias: bool = False,
-                 cayley: Literal["exact", "neumann"] = "exact", neumann_terms: int = 5,
-                 side: Literal["auto", "activation", "weight"] = "auto",
+                 cayley: Literal["exact", "neumann"] = "exact", neumann_terms: int = 5, side: Side = "auto",
                  target_modules: TargetSpec = "all-linear", trainable_modules: list[str] | tuple[str, ...] = (),
                  fused_qkv: Literal["split", "joint"] = "split"):
         super().__init__(block_size, 1, dropout, scale, train_bias, cayley, neumann_terms, side, target_modules,
@@ -390,11 +371,5 @@ def orthogonality_error(model: nn.Module) -> float | None:
     return worst
 
 
-def boft_parameter_count(in_features: int, out_features: int, block_size: int, n_butterfly_factors: int,
-                         scale: bool = True, train_bias: bool = False) -> int:
-    """The BOFT paper's count for one adapted matrix: ``½(b−1)·in·m`` (+ ``out`` for ``s``, + ``out`` for bias)."""
-    return ((block_size - 1) * in_features * n_butterfly_factors // 2 + out_features * (int(scale) + int(train_bias)))
-
-
 __all__ = ["BOFT", "OFT", "BOFTLinear", "BOFTPart", "orthogonality_error", "cayley", "skew_symmetric",
-           "butterfly_rotate", "effective_blocks", "block_rotate", "dense_rotation", "boft_parameter_count"]
+           "butterfly_rotate", "effective_blocks", "block_rotate", "dense_rotation"]

@@ -9,7 +9,7 @@ An adapter folder holds two files:
   adapted layer, so ``load_adapter`` can rebuild the same adapters on a fresh base model and refuse a base model
   whose shapes differ before doing any work.
 
-Both are written to a temporary name and renamed into place.
+Both are written to a temporary name and renamed into place (:func:`lit_peft.files.atomic_write`).
 """
 
 from __future__ import annotations
@@ -20,26 +20,25 @@ import os
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .base import AdapterStrategy, adapted_layers, count_parameters, full_tensor, resolve_targets
+from ..files import atomic_write
+from ..distributed import full_tensor, is_sharded
+from .base import AdapterStrategy, adapted_layers, count_parameters, detach_strategy, get_strategy
+from .targets import resolve_targets
+
+if TYPE_CHECKING:
+    from .svft import SVDProvider
 
 FORMAT = "lit_peft.adapter"
 FORMAT_VERSION = 1
 TENSORS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
-
-
-def get_strategy(model: nn.Module) -> AdapterStrategy:
-    strategy = getattr(model, "lit_peft_strategy", None)
-    if strategy is None:
-        raise ValueError(f"{type(model).__name__} has no adapters: call strategy.apply(model) or load_adapter first")
-    return strategy
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -49,7 +48,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     for name, layer in adapted_layers(model).items():
         for key, tensor in layer.adapters.state_dict(keep_vars=True).items():
             state[f"{name}.adapters.{key}"] = tensor
-    for name in strategy._trainable_module_names(model):
+    for name in strategy.trainable_module_names(model):
         for key, tensor in model.get_submodule(name).state_dict(keep_vars=True).items():
             state[f"{name}.{key}"] = tensor
     state.update(strategy.extra_tensors(model))
@@ -65,16 +64,6 @@ def adapter_config(model: nn.Module) -> dict:
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "strategy": f"{cls.__module__}.{cls.__qualname__}",
             "init_args": strategy.init_args(), "layers": layers,
             "parameter_count": count_parameters(model)["adapter"]}
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` to a temporary name beside ``path``, then rename it onto ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -141,11 +130,13 @@ def _read_tensors(file: Path) -> dict[str, Tensor]:
         raise ValueError(f"{file} is not a readable safetensors file ({err}); the adapter folder is corrupt") from err
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, *,
+                 svd_provider: SVDProvider | None = None) -> nn.Module:
     """Rebuild the saved adapters on ``model`` (a freshly built base model) and load their tensors.
 
     Layer shapes, parts and head tensors are checked against the file before any work; if the rebuilt adapters
     then do not fit the file's tensors, the model is put back as it was before the error is raised.
+    ``svd_provider``: passed to ``strategy.apply`` (where SVFT takes its SVDs from, e.g. an ``SVDCache``).
     Returns ``model``.
     """
     folder = Path(path)
@@ -171,7 +162,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if expected != saved_parts:
             differing = sorted(n for n in {*expected, *saved_parts} if expected.get(n) != saved_parts.get(n))
             problems.append(f"the adapter's targets resolve to other layers or parts on this model: {differing[:5]}")
-        for name in strategy._trainable_module_names(model):
+        for name in strategy.trainable_module_names(model):
             for key, tensor in model.get_submodule(name).state_dict().items():
                 saved_tensor = tensors.get(f"{name}.{key}")
                 if saved_tensor is None:
@@ -187,7 +178,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"cannot load adapter {folder} onto {type(model).__name__}:\n  - " + "\n  - ".join(problems))
 
     with _restored_on_error(model):
-        strategy.apply(model)
+        strategy.apply(model, svd_provider=svd_provider)
         expected_state = adapter_state_dict(model)
         missing = sorted(set(expected_state) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected_state))
@@ -216,26 +207,23 @@ def _restored_on_error(model: nn.Module):
             setattr(model.get_submodule(parent_name) if parent_name else model, leaf, modules[name])
         for param, flag in flags:
             param.requires_grad_(flag)
-        if hasattr(model, "lit_peft_strategy"):
-            del model.lit_peft_strategy
+        detach_strategy(model)
         raise
 
 
 @torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+def merged_state_dict(model: nn.Module, *, keep: bool = True) -> dict[str, Tensor]:
     """The state dict of the merged model, on the CPU, without modifying ``model``: the keys of the plain base
     model, with every adapted layer's ``weight``/``bias`` replaced by its merged values.
 
     One tensor (one merged layer) at a time is gathered or merged on the model's device and moved to the CPU, so
     device memory peaks at one layer and host memory at one copy of the merged model (tied weights are gathered
-    once and shared). Under ``torch.distributed`` with several processes only global rank 0 keeps anything; the
-    other ranks return ``{}``: at once when the model is not sharded (DDP: every rank holds the whole model), after
-    taking part in every all-gather when it is (FSDP2 DTensors: every rank must call this, and each gathered tensor
-    is dropped at once). Without ``torch.distributed`` it is the whole state dict."""
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    keep = not distributed or dist.get_rank() == 0
+    once and shared). The caller says whether this process keeps the result: with ``keep=False`` it returns ``{}``,
+    at once when the model is not sharded, after taking part in every all-gather when it is (FSDP2 DTensors: every
+    rank must call this, and each gathered tensor is dropped at once). Under ``torch.distributed`` pass
+    ``keep=lit_peft.distributed.is_global_zero()`` so that one process holds the merged copy."""
     state = model.state_dict(keep_vars=True)  # keep_vars: tied weights stay one object, so they are gathered once
-    if not keep and not any(hasattr(t, "full_tensor") for t in state.values()):
+    if not keep and not any(is_sharded(t) for t in state.values()):
         return {}
     layers = adapted_layers(model)
     merged: dict[str, Tensor] = {}
@@ -267,10 +255,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, layer.merged_linear())
-    if hasattr(model, "lit_peft_strategy"):
-        del model.lit_peft_strategy
+    detach_strategy(model)
     return model
 
 
-__all__ = ["save_adapter", "write_adapter", "load_adapter", "merge_adapters", "merged_state_dict", "adapter_state_dict", "adapter_config",
-           "read_adapter_config", "get_strategy", "write_adapter"]
+__all__ = ["save_adapter", "write_adapter", "load_adapter", "merge_adapters", "merged_state_dict", "adapter_state_dict",
+           "adapter_config", "read_adapter_config"]

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdaptedLinear, AdapterStrategy, TargetSpec, adapter_tensor, compute_dtype, full_tensor
+from ..distributed import full_tensor
+from .base import AdaptedLinear, AdapterStrategy, adapter_tensor, compute_dtype
+from .targets import TargetSpec
 
 
 class LowRankPart(nn.Module):
@@ -64,8 +66,8 @@ class LoRALinear(AdaptedLinear):
     def adapted_rows(self, part, weight, bias, *, training):
         return weight + self.delta_weight(part, weight), bias
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_by_rows(x, lambda part, x, w, b: F.linear(x, w, b) + self.low_rank_output(part, x))
+    def part_output(self, part, x, weight, bias):
+        return F.linear(x, weight, bias) + self.low_rank_output(part, x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}"
@@ -91,13 +93,10 @@ class DoRALinear(LoRALinear):
     def adapted_rows(self, part, weight, bias, *, training):
         return self._norm_scale(part, weight)[:, None] * (weight + self.delta_weight(part, weight)), bias
 
-    def _part_output(self, part: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def part_output(self, part, x, weight, bias):
         scale = self._norm_scale(part, weight).to(x.dtype)
         y = scale * (F.linear(x, weight) + self.low_rank_output(part, x))
         return y if bias is None else y + bias
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_by_rows(x, self._part_output)
 
 
 class LoRA(AdapterStrategy):
@@ -119,15 +118,9 @@ class LoRA(AdapterStrategy):
         self.rank = rank
         self.alpha = alpha
         self.dropout = dropout
-        problems = []
-        if not isinstance(rank, int) or rank < 1:
-            problems.append(f"rank must be an integer >= 1, got {rank!r}")
-        if not 0.0 <= dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {dropout}")
-        if problems:
-            raise ValueError(f"invalid {type(self).__name__} arguments:\n  - " + "\n  - ".join(problems))
+        self.check_arguments(integers={"rank": 1}, fractions=["dropout"])
 
-    def make_layer(self, name, linear, parts):
+    def make_layer(self, name, linear, parts, shared=None):
         return self.layer_class(linear, parts, self.rank, self.alpha, self.dropout)
 
 

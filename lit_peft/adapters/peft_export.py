@@ -32,7 +32,6 @@ parts of a fused ``qkv`` (peft adapts whole ``nn.Linear`` layers; ``fused_qkv="j
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -40,11 +39,13 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .base import ALL
+from ..files import atomic_write_folder
+from .base import get_strategy
 from .boft import BOFT, OFT, BOFTLinear, skew_symmetric
-from .io import adapter_state_dict, get_strategy
+from .io import adapter_state_dict
 from .lora import DoRA, DoRALinear, LoRA, LoRALinear
 from .svft import SVFT
+from .targets import ALL
 from .vera import VeRA, VeRALinear
 
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -85,9 +86,9 @@ def _check_exportable(model: nn.Module):
             raise ValueError(f"layer {name!r} is adapted as parts {list(layer.parts)} of a fused qkv linear; peft "
                              f"adapts whole nn.Linear layers only (adapt it with fused_qkv='joint' to export, or "
                              f"use lit_peft.adapters.save_adapter)")
-    _require_peft()
+    peft = _require_peft()
     if isinstance(strategy, OFT) and not strategy.scale:
-        fields = getattr(_require_peft().OFTConfig, "__dataclass_fields__", {})
+        fields = getattr(peft.OFTConfig, "__dataclass_fields__", {})
         if "oft_block_size" not in fields or "use_cayley_neumann" not in fields:
             raise ValueError("this peft version has the pre-0.15 OFT parametrisation, which lit_peft does not "
                              "export; upgrade peft (>= 0.15)")
@@ -161,7 +162,7 @@ def export_peft_adapter(model: nn.Module, folder: str | os.PathLike, base_model_
     state = adapter_state_dict(model) if tensors is None else tensors
     names = list(layers)
     targets = peft_target_modules(model, names)
-    head = strategy._trainable_module_names(model)
+    head = strategy.trainable_module_names(model)
     modules_to_save = head or None
     common = {"target_modules": targets, "modules_to_save": modules_to_save, "task_type": task_type,
               "base_model_name_or_path": base_model_name_or_path}
@@ -175,7 +176,7 @@ def export_peft_adapter(model: nn.Module, folder: str | os.PathLike, base_model_
                                  use_dora=isinstance(strategy, DoRA), use_rslora=False, bias="none", **common)
         for name, layer in layers.items():
             out.update(_lora_tensors(name, layer, getter(name)))
-    elif isinstance(strategy, BOFT) and isinstance(strategy, OFT) and not strategy.scale:
+    elif isinstance(strategy, OFT) and not strategy.scale:
         bias = "oft_only" if strategy.train_bias else "none"
         config = peft.OFTConfig(r=0, oft_block_size=strategy.block_size, module_dropout=strategy.dropout,
                                 coft=False, block_share=False, use_cayley_neumann=False, bias=bias, **common)
@@ -188,33 +189,24 @@ def export_peft_adapter(model: nn.Module, folder: str | os.PathLike, base_model_
                                  bias=bias, **common)
         for name, layer in layers.items():
             out.update(_boft_tensors(name, layer, "base_layer.bias", getter(name)))
-    elif isinstance(strategy, VeRA):
+    else:  # VeRA: _check_exportable refused every other strategy
         config = peft.VeraConfig(r=strategy.rank, projection_prng_key=strategy.seed, save_projection=True,
                                  vera_dropout=strategy.dropout, d_initial=strategy.d_init, bias="none", **common)
         for name in layers:
             out.update(_vera_tensors(name, getter(name)))
         out["base_model.vera_A"] = state["vera_projections.A"]
         out["base_model.vera_B"] = state["vera_projections.B"]
-    else:  # pragma: no cover - _check_exportable refused it
-        raise ValueError(f"{type(strategy).__name__} is not exportable to peft")
     for module_name in head:
         for key in model.get_submodule(module_name).state_dict(keep_vars=True):
             out[f"{PREFIX}{module_name}.{key}"] = state[f"{module_name}.{key}"]
     out = {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def write(tmp: Path) -> None:
         config.save_pretrained(str(tmp))
         save_file(out, str(tmp / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    return atomic_write_folder(folder, write)
 
 
 __all__ = ["export_peft_adapter", "peft_export_problem", "peft_target_modules"]

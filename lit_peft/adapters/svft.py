@@ -33,18 +33,33 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Mapping
-from typing import Literal
+from collections.abc import Mapping
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdaptedLinear, AdapterStrategy, TargetSpec, adapter_tensor, compute_dtype, full_tensor
+from ..distributed import full_tensor
+from .base import SIDES, AdaptedLinear, AdapterStrategy, Side, adapter_tensor, compute_dtype
+from .targets import TargetSpec, part_label
 
 Pattern = Literal["plain", "banded", "random", "top_k"]
 PATTERNS = ("plain", "banded", "random", "top_k")
 SVD = tuple[Tensor, Tensor, Tensor]
+
+
+class SVDProvider(Protocol):
+    """Supplies the SVD of a weight instead of SVFT computing it: ``provider(name, weight, dtype) -> (U, S, V)``.
+
+    ``name`` labels the part (``"blocks.0.attn.qkv.q"``; a whole layer's name for an unsplit layer), ``weight`` is
+    the part's ``(out, in)`` base weight (whole, on the model's device) and ``dtype`` the SVD precision
+    (``SVFT.svd_dtype``). Returns the thin SVD ``weight = U diag(S) Vᵀ``: ``U: (out, r)``, ``S: (r,)``,
+    ``V: (in, r)`` (``V``, not ``Vᵀ``), ``r = min(out, in)``, signs arbitrary (SVFT makes them canonical).
+    :class:`lit_peft.callbacks.SVDCache` is one; pass it as ``strategy.apply(model, svd_provider=...)``.
+    """
+
+    def __call__(self, name: str, weight: Tensor, dtype: torch.dtype) -> SVD: ...
 
 
 def canonical_signs(U: Tensor, S: Tensor, V: Tensor) -> SVD:
@@ -157,7 +172,7 @@ class SVFTLinear(AdaptedLinear):
     """A frozen ``nn.Linear`` with ``W' = W + U M Vᵀ`` per part (see module docstring)."""
 
     def __init__(self, base: nn.Linear, parts: Mapping[str, tuple[int, int]], part_modules: Mapping[str, SVFTPart],
-                 side: Literal["auto", "activation", "weight"] = "auto"):
+                 side: Side = "auto"):
         super().__init__(base, parts)
         self.side = side
         for part, module in part_modules.items():
@@ -191,23 +206,19 @@ class SVFTLinear(AdaptedLinear):
         V = adapter_tensor(adapter.V, weight)
         return weight + self._times_m(part, U, transpose=False) @ V.mT, bias
 
-    def _activation_part(self, part: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def part_output(self, part, x, weight, bias):
         adapter = self.adapters[part]
         z = self._times_m(part, x @ adapter.V.to(x.dtype), transpose=True)
         return F.linear(x, weight, bias) + z @ adapter.U.to(x.dtype).mT
 
-    def use_weight_side(self, x: Tensor) -> bool:
-        """Whether forming ``W + (U M) Vᵀ`` beats the activation path for this input (``side="auto"``).
+    def side_costs(self, tokens, backward):
+        """Forming ``W + (U M) Vᵀ`` against the activation path.
 
         Extra multiply-adds over the frozen layer, with ``T`` tokens, ``c = r`` (``1`` for a diagonal ``M``):
         weight side ``out·r·(in + c)`` to form the weight (twice with a backward pass) plus, with a backward
         pass, the weight gradient ``T·in·out``; activation side ``T·r·(in + c + out)`` (twice with a backward
         pass, plus ``T·r·c`` for ``M``'s gradient).
         """
-        if self.side != "auto":
-            return self.side == "weight"
-        tokens = x.numel() // self.in_features
-        backward = torch.is_grad_enabled() and any(p.requires_grad for p in self.adapters.parameters())
         weight_cost = activation_cost = 0
         for part, (start, stop) in self.parts.items():
             out, r = stop - start, self.adapters[part].rank
@@ -216,12 +227,7 @@ class SVFTLinear(AdaptedLinear):
             act = tokens * r * (self.in_features + c + out)
             weight_cost += 2 * form + tokens * self.in_features * out if backward else form
             activation_cost += 2 * act + tokens * r * c if backward else act
-        return weight_cost < activation_cost
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.use_weight_side(x):
-            return self.forward_weight_side(x)
-        return self.forward_by_rows(x, self._activation_part)
+        return weight_cost, activation_cost
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, side={self.side!r}"
@@ -245,8 +251,8 @@ class SVFT(AdapterStrategy):
     """
 
     def __init__(self, pattern: Pattern = "plain", off_diag: int = 2, init: Literal["zero", "gated"] = "zero",
-                 seed: int = 0, svd_dtype: Literal["float32", "float64"] = "float32",
-                 side: Literal["auto", "activation", "weight"] = "auto", target_modules: TargetSpec = "all-linear",
+                 seed: int = 0, svd_dtype: Literal["float32", "float64"] = "float32", side: Side = "auto",
+                 target_modules: TargetSpec = "all-linear",
                  trainable_modules: list[str] | tuple[str, ...] = (), fused_qkv: Literal["split", "joint"] = "split"):
         super().__init__(target_modules, trainable_modules, fused_qkv)
         self.pattern = pattern
@@ -255,25 +261,18 @@ class SVFT(AdapterStrategy):
         self.seed = seed
         self.svd_dtype = svd_dtype
         self.side = side
-        self.svd_provider: Callable[[str, Tensor, torch.dtype], SVD] | None = None
-        problems = []
-        if pattern not in PATTERNS:
-            problems.append(f"pattern must be one of {PATTERNS}, got {pattern!r}")
-        if not isinstance(off_diag, int) or off_diag < 0:
-            problems.append(f"off_diag must be an integer >= 0, got {off_diag!r}")
-        if init not in ("zero", "gated"):
-            problems.append(f"init must be 'zero' or 'gated', got {init!r}")
-        if svd_dtype not in ("float32", "float64"):
-            problems.append(f"svd_dtype must be 'float32' or 'float64', got {svd_dtype!r}")
-        if side not in ("auto", "activation", "weight"):
-            problems.append(f"side must be 'auto', 'activation' or 'weight', got {side!r}")
-        if problems:
-            raise ValueError("invalid SVFT arguments:\n  - " + "\n  - ".join(problems))
+        self.check_arguments(integers={"off_diag": 0}, choices={"pattern": PATTERNS, "init": ("zero", "gated"),
+                                                                 "svd_dtype": ("float32", "float64"), "side": SIDES})
+
+    @property
+    def svd_torch_dtype(self) -> torch.dtype:
+        """``svd_dtype`` as a ``torch.dtype``: the precision an :class:`SVDProvider` is asked for."""
+        return getattr(torch, self.svd_dtype)
 
     def check_layer(self, name, linear, parts):
         problems = []
         for part, (start, stop) in parts.items():
-            label = name if part == "all" else f"{name}.{part}"
+            label = part_label(name, part)
             out, n = stop - start, linear.in_features
             rank = min(out, n)
             if self.pattern == "top_k" and out != n:
@@ -284,23 +283,26 @@ class SVFT(AdapterStrategy):
                                 f"({out}, {n}) weight")
         return problems
 
-    def compute_svd(self, name: str, weight: Tensor) -> SVD:
-        """The canonical SVD of one part's weight; a ``svd_provider`` (e.g. the SVD cache) may supply it."""
-        dtype = getattr(torch, self.svd_dtype)
-        if self.svd_provider is not None:
-            return canonical_signs(*self.svd_provider(name, weight, dtype))
-        return canonical_svd(weight, dtype)
+    def compute_svd(self, name: str, weight: Tensor, svd_provider: SVDProvider | None = None) -> SVD:
+        """The canonical SVD of one part's weight, from ``svd_provider`` when given (e.g. the SVD cache)."""
+        if svd_provider is not None:
+            return canonical_signs(*svd_provider(name, weight, self.svd_torch_dtype))
+        return canonical_svd(weight, self.svd_torch_dtype)
 
-    def make_layer(self, name, linear, parts):
+    def prepare(self, model, targets, *, svd_provider=None):
+        return svd_provider  # what make_layer receives as ``shared``
+
+    def make_layer(self, name, linear, parts, shared=None):
         weight = full_tensor(linear.weight).detach()
         modules = {}
         for part, (start, stop) in parts.items():
-            label = name if part == "all" else f"{name}.{part}"
-            U, S, V = self.compute_svd(label, weight[start:stop])
+            label = part_label(name, part)
+            U, S, V = self.compute_svd(label, weight[start:stop], svd_provider=shared)
             rows, cols = make_support(self.pattern, S.numel(), self.off_diag, layer_seed(self.seed, label), U, V)
             modules[part] = SVFTPart((U, S, V), rows, cols, self.init, layer_seed(self.seed + 1, label),
                                      dtype=weight.dtype, diagonal=self.pattern == "plain")
         return SVFTLinear(linear, parts, modules, self.side)
 
 
-__all__ = ["SVFT", "SVFTLinear", "SVFTPart", "canonical_svd", "canonical_signs", "make_support", "support_size"]
+__all__ = ["SVFT", "SVFTLinear", "SVFTPart", "SVDProvider", "canonical_svd", "canonical_signs", "make_support",
+           "support_size"]

@@ -4,9 +4,10 @@
     y  = x Wᵀ + b + b_vec ⊙ ((d ⊙ (drop(x) Aᵀ)) Bᵀ)        Λ_d = diag(d) (init d_init), Λ_b = diag(b_vec) (init 0)
 
 One pair ``A: (r, max_in)``, ``B: (max_out, r)`` is drawn from ``seed`` (Kaiming-uniform, as the reference and
-``peft``) at the largest width among the targets; each layer uses the top-left slice. The pair lives in one
-shared, non-persistent submodule (moved once by ``.to()``) and is written into the adapter file, so a saved
-adapter never depends on the random generator of another torch version.
+``peft``) at the largest width among the targets; each layer uses the top-left slice. ``apply`` draws the pair
+into one non-persistent submodule shared by every adapted layer (``layer.projections``, moved once by ``.to()``);
+it is written into the adapter file, so a saved adapter never depends on the random generator of another torch
+version.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdaptedLinear, AdapterStrategy, TargetSpec, adapter_tensor, compute_dtype
+from .base import AdaptedLinear, AdapterStrategy, adapted_layers, adapter_tensor, compute_dtype
+from .targets import TargetSpec
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
@@ -60,25 +62,22 @@ class VeRALinear(AdaptedLinear):
         for part, (start, stop) in self.parts.items():
             self.adapters[part] = VeRAPart(stop - start, rank, d_init, self.weight.device, dtype)
 
-    def _projections(self, part: str, like: Tensor) -> tuple[Tensor, Tensor]:
+    def _pair(self, part: str, like: Tensor) -> tuple[Tensor, Tensor]:
         start, stop = self.parts[part]
         return (self.projections.A[:, : self.in_features].to(like.dtype),
                 self.projections.B[: stop - start].to(like.dtype))
 
     def adapted_rows(self, part, weight, bias, *, training):
         adapter = self.adapters[part]
-        A, B = self._projections(part, weight)
+        A, B = self._pair(part, weight)
         d, b = adapter_tensor(adapter.lambda_d, weight), adapter_tensor(adapter.lambda_b, weight)
         return weight + b[:, None] * (B * d) @ A, bias
 
-    def _part_output(self, part: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def part_output(self, part, x, weight, bias):
         adapter = self.adapters[part]
-        A, B = self._projections(part, x)
+        A, B = self._pair(part, x)
         h = adapter.lambda_d.to(x.dtype) * F.linear(self.dropout(x), A)
         return F.linear(x, weight, bias) + adapter.lambda_b.to(x.dtype) * F.linear(h, B)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_by_rows(x, self._part_output)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}"
@@ -103,33 +102,26 @@ class VeRA(AdapterStrategy):
         self.d_init = d_init
         self.dropout = dropout
         self.seed = seed
-        self._projections: VeRAProjections | None = None
-        problems = []
-        if not isinstance(rank, int) or rank < 1:
-            problems.append(f"rank must be an integer >= 1, got {rank!r}")
-        if not 0.0 <= dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {dropout}")
-        if problems:
-            raise ValueError("invalid VeRA arguments:\n  - " + "\n  - ".join(problems))
+        self.check_arguments(integers={"rank": 1}, fractions=["dropout"])
 
-    def prepare(self, model, targets):
+    def prepare(self, model, targets, *, svd_provider=None):
+        """The random pair every layer of ``model`` shares, drawn at the largest target widths."""
         modules = dict(model.named_modules())
         max_in = max(modules[name].in_features for name in targets)
         max_out = max(stop - start for parts in targets.values() for start, stop in parts.values())
-        weight = next(iter(targets))
-        device = modules[weight].weight.device
-        self._projections = VeRAProjections(self.rank, max_in, max_out, self.seed).to(device)
+        device = modules[next(iter(targets))].weight.device
+        return VeRAProjections(self.rank, max_in, max_out, self.seed).to(device)
 
-    def make_layer(self, name, linear, parts):
-        return VeRALinear(linear, parts, self._projections, self.rank, self.d_init, self.dropout)
+    def make_layer(self, name, linear, parts, shared=None):
+        return VeRALinear(linear, parts, shared, self.rank, self.d_init, self.dropout)
 
     def extra_tensors(self, model: nn.Module) -> dict[str, Tensor]:
         """The shared pair, saved with the adapter."""
-        projections = next(m for m in model.modules() if isinstance(m, VeRAProjections))
+        projections = shared_projections(model)
         return {"vera_projections.A": projections.A, "vera_projections.B": projections.B}
 
     def load_extra_tensors(self, model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
-        projections = next(m for m in model.modules() if isinstance(m, VeRAProjections))
+        projections = shared_projections(model)
         for key in ("A", "B"):
             saved = tensors[f"vera_projections.{key}"]
             current = getattr(projections, key)
@@ -139,4 +131,12 @@ class VeRA(AdapterStrategy):
             current.copy_(saved)
 
 
-__all__ = ["VeRA", "VeRALinear", "VeRAPart", "VeRAProjections"]
+def shared_projections(model: nn.Module) -> VeRAProjections:
+    """The random pair that ``model``'s VeRA layers share (``ValueError`` if it has no VeRA layer)."""
+    for layer in adapted_layers(model).values():
+        if isinstance(layer, VeRALinear):
+            return layer.projections
+    raise ValueError(f"{type(model).__name__} has no VeRA layers")
+
+
+__all__ = ["VeRA", "VeRALinear", "VeRAPart", "VeRAProjections", "shared_projections"]

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..compat import MoveHook, apply_to_tensors, forward_through, fsdp1_kwargs
+from ..compat import MoveHook, apply_to_tensors, forward_through, fsdp1_kwargs, trainer_of
 from .sharding import check_fsdp1_options, default_shard_units, fsdp1_full_weights, fully_shard_model, is_fsdp1
 from .sharding import fsdp1_auto_wrap_policy as wrap_exactly
 from .sharding import load_whole_state
@@ -42,7 +42,7 @@ class ShardedModuleMixin(MoveHook):
 
     def shard(self) -> None:
         """Shard the backbone for the trainer's strategy (``configure_model`` calls it after the adapter)."""
-        if self._trainer is None:
+        if trainer_of(self) is None:
             return
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
@@ -91,7 +91,7 @@ class ShardedModuleMixin(MoveHook):
     def fsdp1_root(self) -> nn.Module | None:
         """The ``FullyShardedDataParallel`` (FSDP1) wrapper Lightning's ``FSDPStrategy`` put around this module, if
         any (remembered for the next stage: not a submodule, since it holds this module)."""
-        if self._trainer is None:
+        if trainer_of(self) is None:
             return None
         root = self.trainer.strategy.model
         if not is_fsdp1(root):

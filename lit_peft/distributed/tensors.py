@@ -6,11 +6,13 @@ from torch import Tensor
 
 
 def full_tensor(t: Tensor) -> Tensor:
-    """The whole tensor, also when ``t`` is a DTensor shard (FSDP2); plain tensors come back unchanged. A shard kept
-    whole on every rank (``Replicate``) is read locally; gathering a sharded one is a collective (every rank must
-    call it)."""
-    if not hasattr(t, "full_tensor"):
+    """The whole tensor, also when ``t`` is a DTensor shard (FSDP2); plain tensors come back unchanged. Gathering a
+    shard is a collective (every rank must call it). A shard kept in host memory by FSDP2's CPU offload is gathered
+    on its mesh's device (NCCL gathers GPU tensors only)."""
+    if not is_sharded(t):
         return t
+    if t.device.type != t.device_mesh.device_type:
+        t = t.to(t.device_mesh.device_type)
     return t.full_tensor()
 
 

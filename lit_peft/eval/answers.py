@@ -22,22 +22,6 @@ from decimal import Decimal, InvalidOperation
 import torch
 from torchmetrics import Metric
 
-__all__ = [
-    "COMMONSENSE_TASKS",
-    "TASKS",
-    "AnswerAccuracy",
-    "canonical_task",
-    "extract_answer",
-    "extract_commonsense_answer",
-    "extract_gsm8k_answer",
-    "extract_math_answer",
-    "gsm8k_gold",
-    "is_correct",
-    "math_answers_equal",
-    "normalize_math_answer",
-    "numbers_equal",
-]
-
 # --------------------------------------------------------------------------------------------------- GSM-8K
 
 #: Absolute tolerance of :func:`numbers_equal`.

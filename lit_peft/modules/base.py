@@ -20,7 +20,7 @@ from torch import nn
 from ..adapters import AdapterStrategy, count_parameters
 from ..adapters.base import unwrapped_name
 from ..callbacks import find_svd_provider
-from ..compat import reset_seed
+from ..compat import reset_seed, trainer_of
 from ..distributed.module import ShardedModuleMixin
 from ..handover import DataInfo, ModelInfo, connect_from_trainer
 from .checkpointing import AdapterCheckpointMixin
@@ -113,11 +113,11 @@ class AdaptedModule(AdapterCheckpointMixin, ShardedModuleMixin):
         """Take what the data tells (its classes, metric, …); subclasses check and keep what they use."""
 
     def setup(self, stage: str) -> None:
-        connect_from_trainer(self._trainer)
+        connect_from_trainer(trainer_of(self))
 
     # -- adapting ------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self._trainer is not None:
+        if trainer_of(self) is not None:
             # Lightning's DDP/FSDP strategies re-seed every process from seed_everything's seed when they set up
             # the process group, single-device ones do not: re-seed in every strategy, so an adapter's random init
             # and the dropout masks drawn in training are the same in one process as in many.
@@ -134,7 +134,10 @@ class AdaptedModule(AdapterCheckpointMixin, ShardedModuleMixin):
         if self.adapter is not None:
             missing = [h for h in heads if h not in self.adapter.trainable_modules]
             self.adapter.trainable_modules = list(self.adapter.trainable_modules) + missing
-            self.adapter.apply(self.model, svd_provider=find_svd_provider(getattr(self._trainer, "callbacks", ())))
+            # SVFT takes its SVDs from the run's SVDCache callback when there is one
+            trainer = trainer_of(self)
+            callbacks = trainer.callbacks if trainer is not None else ()
+            self.adapter.apply(self.model, svd_provider=find_svd_provider(callbacks))
         else:
             for param in self.model.parameters():
                 param.requires_grad_(False)

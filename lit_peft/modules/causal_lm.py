@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from ..files import atomic_write
+from ..compat import trainer_of
 from ..distributed import is_distributed
 from ..handover import DataInfo
 from .hf import HPARAMS_IGNORED, HFAdaptedModule
@@ -138,7 +139,8 @@ class CausalLMModule(HFAdaptedModule):
         computes it: ``loss_r · n_r · world / N`` (``n_r`` this rank's label tokens, ``N`` all ranks'). Without it
         every rank's mean would weigh equally however many tokens it holds (variable-length examples). The mean of
         the returned values over ranks is the global token mean, which ``train_loss`` logs."""
-        world = self.trainer.world_size if self._trainer is not None else 1
+        trainer = trainer_of(self)
+        world = trainer.world_size if trainer is not None else 1
         if world == 1:
             return loss
         tokens = (labels[:, 1:] != -100).sum().to(torch.float32)  # the causal-LM loss predicts labels[1:]

@@ -17,8 +17,6 @@ when the strategy has a ``peft`` counterpart.
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from transformers import AutoTokenizer
 
 from ..adapters import AdapterStrategy, find_strategy, resolve_targets
 from ..adapters.peft_export import export_peft_adapter, peft_export_problem
+from ..files import atomic_write_folder
 from ..handover import ModelInfo
 from .base import AdaptedModule
 
@@ -149,24 +148,16 @@ class HFAdaptedModule(AdaptedModule):
         return plain
 
     def save_merged_model(self, model: nn.Module, folder: Path) -> None:
-        """``model.save_pretrained`` + ``tokenizer.save_pretrained`` into a temporary folder beside ``folder``'s
-        files, then every file renamed into ``folder`` (``AutoModelFor….from_pretrained(folder)`` loads it)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".hf-export-tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        """``model.save_pretrained`` + ``tokenizer.save_pretrained`` into a temporary folder beside ``folder``, whose
+        files then replace their namesakes in ``folder`` (``AutoModelFor….from_pretrained(folder)`` loads it)."""
+
+        def write(tmp: Path) -> None:
             if callable(getattr(model, "tie_weights", None)):
                 model.tie_weights()
             model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-            for item in sorted(tmp.iterdir()):
-                target = folder / item.name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                os.replace(item, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        atomic_write_folder(folder, write, merge=True)
 
     def export_extra(self, folder: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
         """``peft_adapter/`` (a Hugging Face ``peft`` adapter) when ``export_peft`` and the strategy has one, from
