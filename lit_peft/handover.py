@@ -81,7 +81,8 @@ def connect(model: Any, data: Any) -> None:
 
 
 def connect_from_trainer(trainer: Any) -> None:
-    """:func:`connect` the model and data a ``Trainer`` holds (what each side's ``setup`` calls)."""
+    """:func:`connect` the model and data a ``Trainer`` holds (what each side's ``setup`` calls); nothing without a
+    trainer, or while it holds no model or data yet."""
     if trainer is None:
         return
     connect(trainer.lightning_module, trainer.datamodule)

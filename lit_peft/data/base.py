@@ -89,17 +89,9 @@ class LitPeftDataModule(L.LightningDataModule):
         self.connected_model = info
 
     def connect_trainer(self) -> None:
-        """:func:`~lit_peft.handover.connect_from_trainer` once a ``Trainer`` holding a model is attached; without
-        one (no trainer, or no model attached to it yet) nothing happens."""
-        trainer = self.trainer
-        if trainer is None:
-            return
-        try:
-            module = trainer.lightning_module
-        except Exception:  # a trainer without a model attached yet
-            return
-        if module is not None:
-            connect_from_trainer(trainer)
+        """:func:`~lit_peft.handover.connect_from_trainer`: connect to the model of the attached ``Trainer`` (nothing
+        without a trainer, or before a model is attached to it)."""
+        connect_from_trainer(self.trainer)
 
     def _setup_stages(self, stage: str | None) -> tuple[bool, bool, bool]:
         """Where every ``setup`` starts: the (train, val, test) sets ``stage`` needs (:func:`_stages`), after

@@ -78,9 +78,14 @@ class AdaptedModule(AdapterCheckpointMixin, ShardedModuleMixin):
         self.strict_loading = False
         self._adapted = False
         self._sharded = False
+        # Every constructor argument of the concrete module (its own and these, defaults included: Lightning reads
+        # the whole chain of __init__ frames) but the objects in ``hparams_ignored``.
+        self.save_hyperparameters(ignore=list(self.hparams_ignored))
 
     # -- to be provided by subclasses ----------------------------------------------------------------------------
     model: nn.Module
+    #: Constructor arguments left out of ``hparams`` (the strategy and optimiser objects).
+    hparams_ignored: tuple[str, ...] = ("adapter", "optimizer")
 
     def head_names(self) -> list[str]:
         """Names (inside ``self.model``) of the modules that are always trained: the task head."""

@@ -16,7 +16,7 @@ from ..files import atomic_write
 from ..compat import trainer_of
 from ..distributed import is_distributed
 from ..handover import DataInfo
-from .hf import HPARAMS_IGNORED, HFAdaptedModule
+from .hf import HFAdaptedModule
 
 
 class CausalLMModule(HFAdaptedModule):
@@ -56,7 +56,6 @@ class CausalLMModule(HFAdaptedModule):
                  max_new_tokens: int = 256, eval_task: str | None = None,
                  predictions_file: str | None = "predictions.jsonl", export_peft: bool = True, **kwargs: Any):
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=HPARAMS_IGNORED)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self._init_common(model_name_or_path, tokenizer, torch_dtype, attn_implementation, export_peft)

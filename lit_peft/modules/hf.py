@@ -34,11 +34,6 @@ from ..handover import ModelInfo
 from .base import AdaptedModule
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: Left out of ``save_hyperparameters``: the strategy objects, and ``tokenizer`` / ``eval_task``, which the text data
-#: modules also have as hyperparameters (Lightning refuses to log a module and a data module whose shared
-#: hyperparameters differ, e.g. ``eval_task: null`` here and ``gsm8k`` there). LightningCLI's ``config.yaml`` still
-#: records them; pass them again to ``load_from_checkpoint`` when they are not the defaults.
-HPARAMS_IGNORED = ["adapter", "optimizer", "tokenizer", "eval_task"]
 #: Top-level module names of the classification heads of ``AutoModelForSequenceClassification`` models.
 CLASSIFIER_NAMES = ("classifier", "score")
 
@@ -70,6 +65,11 @@ class HFAdaptedModule(AdaptedModule):
 
     auto_class: Any = None
     peft_task_type: str | None = None
+    #: Left out of ``hparams``: the strategy objects, and ``tokenizer`` / ``eval_task``, which the text data modules
+    #: also have as hyperparameters (Lightning refuses to log a module and a data module whose shared
+    #: hyperparameters differ, e.g. ``eval_task: null`` here and ``gsm8k`` there). LightningCLI's ``config.yaml``
+    #: still records them; pass them again to ``load_from_checkpoint`` when they are not the defaults.
+    hparams_ignored = ("adapter", "optimizer", "tokenizer", "eval_task")
 
     def _init_common(self, model_name_or_path: str, tokenizer: str | None, torch_dtype: str,
                      attn_implementation: str | None, export_peft: bool) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from ..handover import DataInfo
-from .hf import CLASSIFIER_NAMES, HPARAMS_IGNORED, HFAdaptedModule
+from .hf import CLASSIFIER_NAMES, HFAdaptedModule
 
 
 class SequenceClassifierModule(HFAdaptedModule):
@@ -49,7 +49,6 @@ class SequenceClassifierModule(HFAdaptedModule):
                  gradient_checkpointing: bool = False, attn_implementation: str | None = None,
                  export_peft: bool = True, **kwargs: Any):
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=HPARAMS_IGNORED)
         if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int)
                                        or num_labels < 1):
             raise ValueError(f"num_labels must be an integer >= 1 or null, got {num_labels!r}")

@@ -63,7 +63,6 @@ class ViTClassifier(AdaptedModule):
                  checkpoint_path: str | None = None, img_size: int | None = None,
                  model_kwargs: dict[str, Any] | None = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["adapter", "optimizer"])
         self.backbone = backbone
         self.num_classes = num_classes
         self.img_size = img_size
