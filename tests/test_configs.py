@@ -6,15 +6,16 @@
 (b) ``scripts/vtab_sweep.py`` writes 19 configs per method with the paper's per-task lrs and the tasks' class counts,
     and what it writes (with its per-seed overrides) parses;
 (c) ``scripts/collect_results.py`` turns fake ``metrics.csv`` files into the table beside the paper's numbers;
-(d) the paper configs' adapters have the papers' parameter counts (backbones built on the ``meta`` device).
+(d) the paper configs' adapters have the papers' parameter counts (backbones built on the ``meta`` device);
+(e) the LLM and GLUE configs (``math_*``, ``commonsense_*``, ``glue_*``) keep their house style and have the papers'
+    parameter counts (the real architectures built on the ``meta`` device from their published configs);
+and a bare config name (``--config demo.yaml``) resolves to the bundled ``configs/`` folder.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
-import io
 import shlex
 import socket
 import sys
@@ -25,12 +26,13 @@ import timm
 import torch
 import yaml
 
+from helpers.cli import REPO, print_config
+from helpers.language import PROJECTIONS
 from lit_peft.adapters import count_parameters, resolve_targets
 from lit_peft.adapters.svft import support_size
-from lit_peft.cli import main as cli_main
+from lit_peft.cli import bundled_configs_dir, resolve_config_args
 from lit_peft.data import FEWSHOT_DATASETS, VTAB_TASKS
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
 PAPER_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name.startswith(("vtab_", "fewshot_")))
@@ -67,15 +69,6 @@ def no_downloads(monkeypatch):
     monkeypatch.setattr(timm, "create_model", refuse_model)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(sys, "argv", ["lit_peft"])  # LightningCLI warns when sys.argv and args both carry arguments
-
-
-def print_config(*args: str) -> dict:
-    """``lit_peft fit <args> --print_config`` in-process; the printed (complete) config."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exc:
-        cli_main(["fit", *args, "--print_config"])
-    assert exc.value.code in (0, None), f"{args}: exit {exc.value.code}\n{out.getvalue()[-2000:]}"
-    return yaml.safe_load(out.getvalue())
 
 
 def raw(path: Path) -> dict:
@@ -130,6 +123,16 @@ def test_config_parses(path):
 def test_bare_config_name_resolves_to_configs_folder():
     config = print_config("--config", "vtab_boft.yaml")
     assert config["data"]["init_args"]["task"] == "cifar100"
+
+
+def test_bare_config_name_resolves_to_bundled_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config_args(["fit", "--config", "demo.yaml"])[2] == str(bundled_configs_dir() / "demo.yaml")
+    assert resolve_config_args(["fit", "--config=configs/demo.yaml"])[1] == f"--config={bundled_configs_dir() / 'demo.yaml'}"
+    (tmp_path / "demo.yaml").write_text("seed_everything: 1\n")  # a file here wins over the bundled one
+    assert resolve_config_args(["fit", "--config", "demo.yaml"])[2] == "demo.yaml"
+    with pytest.raises(SystemExit, match="vtab_boft.yaml"):  # the error lists what is bundled
+        resolve_config_args(["fit", "--config", "no_such.yaml"])
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -255,6 +258,113 @@ def test_sweep_parameter_counts(method, printed, tmp_path):
     written = sweep.write_configs([method], tmp_path, tasks=["cifar100"])
     count = adapter_params(raw(written[method][0])["model"]["init_args"])
     assert round(count / 1e6, 2) == printed, f"{method}: {count:,}"
+
+
+# -- (e) the LLM and GLUE configs -----------------------------------------------------------------------------------
+
+TEXT_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name.startswith(("math_", "commonsense_", "glue_")))
+
+
+def test_text_configs_exist():
+    names = {p.stem for p in TEXT_CONFIGS}
+    assert names == {"math_svft_plain", "math_svft_banded", "math_svft_random", "math_boft", "math_lora", "math_dora",
+                     "commonsense_svft_banded", "glue_boft", "glue_svft_plain", "glue_svft_random", "glue_lora"}
+
+
+@pytest.mark.parametrize("path", TEXT_CONFIGS, ids=lambda p: p.name)
+def test_text_config_house_style(path):
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("# Reproduces") and "table" in first.lower(), first
+    written = raw(path)
+    assert isinstance(written["seed_everything"], int) and not isinstance(written["seed_everything"], bool)
+    model, data, trainer = written["model"]["init_args"], written["data"]["init_args"], written["trainer"]
+    adapter = model["adapter"]["class_path"].rsplit(".", 1)[1]
+    callbacks = [c["class_path"].rsplit(".", 1)[1] for c in trainer["callbacks"]]
+    assert "MergeAdapters" in callbacks and ("SVDCache" in callbacks) == (adapter == "SVFT")
+    assert ("OrthogonalityCheck" in callbacks) == (adapter == "BOFT")
+    optimizer = model["optimizer"]
+    assert optimizer["class_path"] == "torch.optim.AdamW"
+    batch = data["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"]
+    if path.name.startswith("math_"):
+        assert model["model_name_or_path"] == "google/gemma-2b" and written["test_after_fit"] == "final"
+        assert (trainer["max_epochs"], batch, data["max_length"]) == (2, 64, 512)
+        assert (data["train_data"], data["eval_data"], data["eval_config"], data["eval_task"]) == (
+            "meta-math/MetaMathQA-40K", "openai/gsm8k", "main", "gsm8k")
+        assert (model["lr_schedule"], model["warmup_ratio"], optimizer["init_args"]["weight_decay"]) == (
+            "cosine", 0.1, 0.0)
+        assert model["adapter"]["init_args"]["target_modules"] == PROJECTIONS
+        lr = optimizer["init_args"]["lr"]
+        spec = model["adapter"]["init_args"]
+        expected = {"SVFT": 5e-2 if spec.get("pattern") == "plain" else 5e-3, "BOFT": 8e-4}.get(adapter, lr)
+        assert lr == expected
+        if adapter == "BOFT":
+            assert (spec["block_size"], spec["n_butterfly_factors"], spec["dropout"]) == (8, 2, 0.05)
+        if adapter in ("LoRA", "DoRA"):
+            assert spec["rank"] == {"LoRA": 32, "DoRA": 16}[adapter]
+        if adapter == "SVFT" and spec["pattern"] != "plain":
+            assert spec["off_diag"] == 16
+    elif path.name.startswith("commonsense_"):
+        assert model["model_name_or_path"] == "google/gemma-7b"
+        assert (trainer["max_epochs"], batch, model["warmup_steps"], model["lr_schedule"]) == (3, 64, 100, "linear")
+        assert model["adapter"]["init_args"]["off_diag"] == 8 and model["adapter"]["init_args"]["pattern"] == "banded"
+    else:
+        assert model["model_name_or_path"] == "microsoft/deberta-v3-base" and batch == 32
+        assert model["num_labels"] is None and model["metric"] is None and data["max_length"] is None
+
+
+def meta_text_model(name: str):
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, GemmaConfig, GemmaForCausalLM
+
+    with torch.device("meta"):
+        if name == "google/gemma-2b":
+            return GemmaForCausalLM(GemmaConfig(vocab_size=256000, hidden_size=2048, intermediate_size=16384,
+                                                num_hidden_layers=18, num_attention_heads=8, num_key_value_heads=1,
+                                                head_dim=256))
+        if name == "google/gemma-7b":
+            return GemmaForCausalLM(GemmaConfig(vocab_size=256000, hidden_size=3072, intermediate_size=24576,
+                                                num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16,
+                                                head_dim=256))
+        config = DebertaV2Config(vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                 intermediate_size=3072, relative_attention=True, position_buckets=256,
+                                 norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"],
+                                 max_relative_positions=-1, position_biased_input=False, type_vocab_size=0,
+                                 pooler_hidden_size=768, num_labels=2)
+        return DebertaV2ForSequenceClassification(config)
+
+
+#: config -> the paper's #params (design notes), in millions, rounded as printed
+TEXT_PAPER_PARAMS = {"math_svft_plain.yaml": 0.19, "math_svft_random.yaml": 6.35, "math_svft_banded.yaml": 6.35,
+                     "glue_boft.yaml": 0.75, "glue_svft_plain.yaml": 0.06, "glue_svft_random.yaml": 0.28,
+                     "glue_lora.yaml": 1.33}
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_PAPER_PARAMS))
+def test_text_config_parameter_counts(name):
+    """The configs' adapters on the real architectures (built on the meta device from their published configs) have
+    the papers' parameter counts; DeBERTa's new head (pooler.dense, classifier) is excluded as the module does."""
+    import importlib
+
+    from lit_peft.adapters import count_parameters, resolve_targets
+    from lit_peft.adapters.svft import support_size
+
+    model_args = raw(CONFIGS / name)["model"]["init_args"]
+    spec = model_args["adapter"]
+    module, cls = spec["class_path"].rsplit(".", 1)
+    adapter = getattr(importlib.import_module(module), cls)(**spec["init_args"])
+    model = meta_text_model(model_args["model_name_or_path"])
+    head = ["pooler.dense", "classifier"] if "deberta" in model_args["model_name_or_path"] else []
+    targets = resolve_targets(model, adapter.target_modules, adapter.fused_qkv, exclude=head)
+    expected_layers = {"google/gemma-2b": 7 * 18, "microsoft/deberta-v3-base": 6 * 12}
+    assert len(targets) == expected_layers[model_args["model_name_or_path"]]
+    if cls == "SVFT":
+        modules = dict(model.named_modules())
+        count = sum(support_size(min(modules[n].out_features, modules[n].in_features), adapter.pattern,
+                                 adapter.off_diag) + (adapter.init == "gated") for n in targets)
+    else:
+        adapter.trainable_modules = head
+        adapter.apply(model)
+        count = count_parameters(model)["adapter"]
+    assert round(count / 1e6, 2) == TEXT_PAPER_PARAMS[name], f"{name}: {count:,}"
 
 
 # -- (b) the sweep generator ----------------------------------------------------------------------------------------

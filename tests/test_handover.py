@@ -6,16 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers.models import tiny_vit
 from lit_peft.data import DigitsDataModule
 from lit_peft.handover import DataInfo, DataSide, ModelInfo, ModelSide, connect
-from lit_peft.modules import ViTClassifier
-
-TINY = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
-
-
-def tiny_vit(num_classes: int = 3, **kwargs) -> ViTClassifier:
-    return ViTClassifier(backbone="vit_tiny_patch16_224", num_classes=num_classes, img_size=32, model_kwargs=TINY,
-                         **kwargs)
 
 
 def test_both_sides_declare_the_protocols():

@@ -1,5 +1,5 @@
 """The FSDP options besides the plain FSDP2 overlay, through ``python -m lit_peft fit`` (the tiny ViT, BOFT and the
-generated VTAB data of ``test_distributed``, 2 CPU processes with gloo, global batch 8, 6 steps):
+generated VTAB data of ``test_ddp_fsdp2_vit.py``, 2 CPU processes with gloo, global batch 8, 6 steps):
 
 * FSDP2 with ``model.init_args.fsdp_reshard_after_forward: false`` and ``fsdp_cpu_offload: true`` (on the CPU the
   shards already live in host memory, so offloading changes nothing) trains exactly as the default FSDP2 run;
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import traceback
 from types import SimpleNamespace
 
@@ -29,10 +28,10 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.strategies.strategy import _ForwardRedirection
 from safetensors.torch import load_file
-from test_cli_e2e import REPO, read_metrics
-from test_distributed import RUNS, fit, workdir  # noqa: F401  (workdir: a module fixture, used by name)
-from test_fsdp2 import spawn_workers
 
+from helpers.cli import REPO, read_metrics
+from helpers.distributed import NEEDS_GLOO, RUNS, fit, spawn_workers
+from helpers.models import tiny_vit
 from lit_peft.adapters import BOFT, adapter_state_dict, merged_state_dict, orthogonality_error
 from lit_peft.modules import ViTClassifier
 from lit_peft.modules.base import AdaptedModule
@@ -68,11 +67,6 @@ TEST_AFTER_FIT = ("--test_after_fit=final",)
 FSDP2_OPTIONS = ("--model.init_args.fsdp_reshard_after_forward=false", "--model.init_args.fsdp_cpu_offload=true")
 
 
-def tiny_vit(adapter=None) -> ViTClassifier:
-    return ViTClassifier(backbone="vit_tiny_patch16_224", num_classes=2, img_size=32, adapter=adapter,
-                         model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2})
-
-
 def wrapped_by(policy, root: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules an FSDP1 ``auto_wrap_policy`` (the callable form) wraps below ``root``."""
     return [m for m in root.modules() if m is not root and policy(module=m, recurse=False, nonwrapped_numel=1)]
@@ -80,7 +74,7 @@ def wrapped_by(policy, root: torch.nn.Module) -> list[torch.nn.Module]:
 
 # -- the FSDP1 auto-wrap policy and what the module refuses (no process group) --------------------------------------
 def test_fsdp1_policy_wraps_exactly_the_shard_units():
-    module = tiny_vit()
+    module = tiny_vit(2, depth=3)
     policy = module.fsdp1_auto_wrap_policy()
     assert wrapped_by(policy, module) == list(module.model.blocks)
     assert policy(module=module, recurse=True, nonwrapped_numel=1)  # it descends everywhere
@@ -94,7 +88,7 @@ def test_fsdp1_policy_wraps_exactly_the_shard_units():
 
 
 def test_fsdp1_strategy_gets_the_policy_unless_it_has_one():
-    module = tiny_vit()
+    module = tiny_vit(2, depth=3)
     strategy = FSDPStrategy()
     module._prepare_fsdp1(strategy)
     assert wrapped_by(strategy.kwargs["auto_wrap_policy"], module) == list(module.model.blocks)
@@ -104,7 +98,7 @@ def test_fsdp1_strategy_gets_the_policy_unless_it_has_one():
         return False
 
     strategy = FSDPStrategy(auto_wrap_policy=own)
-    tiny_vit()._prepare_fsdp1(strategy)
+    tiny_vit(2, depth=3)._prepare_fsdp1(strategy)
     assert strategy.kwargs["auto_wrap_policy"] is own
 
 
@@ -122,8 +116,8 @@ def test_fsdp1_refuses_what_cannot_work(strategy_kwargs, module_kwargs, match):
 
 # -- through the CLI on 2 CPU processes -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def runs(workdir):  # noqa: F811
-    tmp, data_root = workdir
+def runs(vtab_workdir):
+    tmp, data_root = vtab_workdir
     (tmp / "cpu_fsdp1.py").write_text(CPU_FSDP1)
     cpu_fsdp1 = (["--config", str(FSDP1_OVERLAY), "--trainer.strategy.class_path=cpu_fsdp1.CPUFSDPStrategy"], 2, 4)
     with pytest.MonkeyPatch.context() as patch:
@@ -189,8 +183,8 @@ def test_fsdp1_agrees_with_fsdp2(runs):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDPStrategy needs a GPU")
-def test_shipped_fsdp1_overlay_on_one_gpu(workdir, monkeypatch):  # noqa: F811
-    tmp, data_root = workdir
+def test_shipped_fsdp1_overlay_on_one_gpu(vtab_workdir, monkeypatch):
+    tmp, data_root = vtab_workdir
     monkeypatch.setitem(RUNS, "fsdp1-gpu", (["--config", str(FSDP1_OVERLAY)], 1, 8))
     result = fit(tmp, data_root, "boft", "fsdp1-gpu", name="fsdp1-gpu", callbacks=[ORTHOGONALITY],
                  args=("--trainer.accelerator=gpu", *TEST_AFTER_FIT))
@@ -206,7 +200,7 @@ def test_shipped_fsdp1_overlay_on_one_gpu(workdir, monkeypatch):  # noqa: F811
 def adapted_vit() -> ViTClassifier:
     """The tiny ViT with BOFT applied (``configure_model`` without a trainer), the same base weights every call."""
     torch.manual_seed(0)
-    module = tiny_vit(BOFT(block_size=4, n_butterfly_factors=2, train_bias=True))
+    module = tiny_vit(2, depth=3, adapter=BOFT(block_size=4, n_butterfly_factors=2, train_bias=True))
     module.configure_model()
     return module.eval()
 
@@ -268,7 +262,6 @@ def sharded_worker(rank: int, world: int, port: int, errors) -> None:
         raise
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available() or sys.platform == "win32",
-                    reason="needs torch.distributed with gloo")
+@NEEDS_GLOO
 def test_sharded_module_loads_merges_and_checks_like_unsharded():
     spawn_workers(sharded_worker, 2)

@@ -1,5 +1,5 @@
 """Launching ``python -m lit_peft fit`` the ways a cluster does, on the tiny ViT and generated data of
-``test_cli_e2e`` with gloo on the CPU. Every job is a set of subprocesses bounded by ``LIMIT`` seconds, so a hang
+``tests/test_cli.py`` with gloo on the CPU. Every job is a set of subprocesses bounded by ``LIMIT`` seconds, so a hang
 fails the test instead of blocking the run.
 
 - Two "nodes" on one machine, one process each: two ``torchrun --nnodes=2 --node_rank=0|1`` agents, and two
@@ -22,19 +22,17 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
-from test_cli_e2e import REPO, cli_env, make_vtab_task, write_config
-from test_configs import print_config
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available() or sys.platform == "win32",
-                                reason="needs torch.distributed with gloo")
+from helpers.cli import REPO, cli_env, make_vtab_task, print_config, write_config
+from helpers.distributed import NEEDS_GLOO, free_port
+
+pytestmark = NEEDS_GLOO
 
 LIMIT = 180  # seconds for a whole job; a fit of the tiny model takes about 30 on a busy 2-core machine
 ERROR = "failed on purpose"
@@ -88,12 +86,6 @@ class FailOnRank(L.Callback):
         if self.wait:
             trainer.strategy.barrier("FailOnRank")
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def alive(pid: int) -> bool:

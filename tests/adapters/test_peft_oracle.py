@@ -21,8 +21,8 @@ Mapping of the tensors, peft -> lit_peft (adapter name ``"default"``, lit_peft p
   ``scale (out,)``. Gradients: ``d skew[k] = G[j, i] − G[i, j]`` with ``G = d boft_R``.
   peft's butterfly path (``m > 1``) needs its CUDA extension ``fbd_cuda``; without it peft silently uses one
   factor. These tests replace ``get_fbd_cuda`` either by ``None`` (no compile attempt, ``m = 1``) or by a CPU
-  stand-in (``torch.block_diag`` per factor) so that peft's real multi-factor path, permutations included, is
-  compared too.
+  stand-in (``torch.block_diag`` per factor; ``helpers.peft_cpu``, the ``peft_boft_on_cpu`` fixture) so that peft's
+  real multi-factor path, permutations included, is compared too.
 * OFT (peft's current parametrisation, checked with 0.21): ``OFTConfig(oft_block_size=b, r=0, coft=False,
   block_share=False, module_dropout=0, use_cayley_neumann=False)``. ``oft_R.default.weight (in/b, b(b−1)/2)``
   holds the upper triangle in ``triu_indices`` order, ``S = upper − upperᵀ``, ``Q_peft = (I − S)(I + S)⁻¹`` and
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -58,10 +59,10 @@ peft = pytest.importorskip("peft")
 import peft.tuners.boft.layer as peft_boft_layer  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 
+from helpers.models import make_vit  # noqa: E402
 from lit_peft.adapters import BOFT, OFT, DoRA, LoRA, VeRA, adapted_layers, merge_adapters  # noqa: E402
 from lit_peft.adapters.base import AdaptedLinear  # noqa: E402
 from lit_peft.adapters.vera import VeRAProjections  # noqa: E402
-from peft_cpu import CpuFastBlockDiag  # noqa: E402
 
 ADAPTER = "default"
 MLP_TARGETS = ["fc1", "fc2", "fc3"]
@@ -90,13 +91,9 @@ def make_mlp() -> nn.Module:
     return MLP()
 
 
-def make_vit() -> nn.Module:
-    timm = pytest.importorskip("timm")
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=8,
-                             embed_dim=64, depth=2, num_heads=2)
-
-
-MODELS = {"mlp": (make_mlp, MLP_TARGETS, (3, 7, 32)), "vit": (make_vit, VIT_TARGETS, (2, 3, 32, 32))}
+#: name -> (factory, targets, input shape); build_pair seeds before it calls the factory
+MODELS = {"mlp": (make_mlp, MLP_TARGETS, (3, 7, 32)),
+          "vit": (functools.partial(make_vit, seed=None), VIT_TARGETS, (2, 3, 32, 32))}
 
 
 
@@ -105,12 +102,6 @@ MODELS = {"mlp": (make_mlp, MLP_TARGETS, (3, 7, 32)), "vit": (make_vit, VIT_TARG
 def peft_boft_without_cuda(monkeypatch):
     """peft BOFT with one factor and no attempt to compile (or load) its CUDA extension."""
     monkeypatch.setattr(peft_boft_layer, "get_fbd_cuda", lambda: None)
-
-
-@pytest.fixture
-def peft_boft_butterfly_on_cpu(monkeypatch):
-    """peft BOFT's real multi-factor path on CPU, through :class:`CpuFastBlockDiag`."""
-    monkeypatch.setattr(peft_boft_layer, "get_fbd_cuda", lambda: CpuFastBlockDiag)
 
 
 # -- per-method mappings -----------------------------------------------------------------------------------------
@@ -333,7 +324,7 @@ def test_boft_both_sides_match_peft(side, peft_boft_without_cuda):
 @pytest.mark.parametrize("path", ["folded", "factorwise"])
 @pytest.mark.parametrize("factors", [2, 3])
 @torch.no_grad()
-def test_boft_butterfly_factors_match_peft(factors, path, peft_boft_butterfly_on_cpu, monkeypatch):
+def test_boft_butterfly_factors_match_peft(factors, path, peft_boft_on_cpu, monkeypatch):
     """peft's multi-factor BOFT (dense permutation matrices, run on CPU through :class:`CpuFastBlockDiag`) against
     ours, both by folded effective blocks and factor by factor (``rotation_cost`` patched to pick the path)."""
     import lit_peft.adapters.boft as lit_boft

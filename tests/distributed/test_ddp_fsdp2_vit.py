@@ -1,5 +1,5 @@
 """Single process vs DDP vs FSDP2 (``ModelParallelStrategy``), each through ``python -m lit_peft fit`` on the tiny ViT
-and generated VTAB-layout data of ``test_cli_e2e``: 2 CPU processes with gloo, the shipped ``configs/strategy``
+and generated VTAB-layout data of ``tests/test_cli.py`` (``helpers.cli``, ``helpers.distributed``): 2 CPU processes with gloo, the shipped ``configs/strategy``
 overlays, BOFT (with multiplicative dropout) and SVFT.
 
 One process with ``batch_size=8`` against two with ``batch_size=4`` each, on 16 training images: 2 steps per epoch,
@@ -24,106 +24,20 @@ sharded forward, and rank 0 alone writes (a rank that skipped the collectives wo
 from __future__ import annotations
 
 import functools
-import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
-from test_cli_e2e import REPO, make_vtab_task, read_metrics, run_cli, write_config
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available() or sys.platform == "win32",
-                                reason="needs torch.distributed with gloo")
+from helpers.distributed import NEEDS_GLOO, RUNS, fit
 
-RECORDER = '''
-import json
-from pathlib import Path
-
-import lightning as L
-
-
-class RecordSteps(L.Callback):
-    """Per rank: the training loss of every step and a fingerprint of every sample of its batch (the sum of its
-    pixels, or of its token ids for a text batch)."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
-        self.steps = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        samples = batch["input_ids"] if isinstance(batch, dict) else batch[0]
-        self.steps.append({"loss": float(outputs["loss"]),
-                           "samples": [round(float(s), 2) for s in samples.double().flatten(1).sum(1)]})
-
-    def on_train_end(self, trainer, pl_module):
-        path = Path(self.folder) / f"steps-rank{trainer.global_rank}.json"
-        path.write_text(json.dumps(self.steps))
-
-
-class FailAfter(L.Callback):
-    """Raises on every rank once `steps` training steps are done (and checkpointed), as a crashed job would."""
-
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.steps:
-            raise RuntimeError(f"FailAfter: stopped after step {self.steps}")
-'''
-
-ADAPTERS = {
-    "boft": {"class_path": "lit_peft.adapters.BOFT",
-             "init_args": {"block_size": 8, "n_butterfly_factors": 2, "dropout": 0.1, "train_bias": True,
-                           "target_modules": ["qkv", "proj", "fc1", "fc2"]}},
-    "svft": {"class_path": "lit_peft.adapters.SVFT",
-             "init_args": {"pattern": "banded", "off_diag": 1, "target_modules": ["qkv", "proj", "fc1", "fc2"]}},
-}
-#: name -> (extra CLI arguments, processes, per-process batch size); global batch 8 in all three: 2 steps per epoch
-RUNS = {"single": ([], 1, 8),
-        "ddp": (["--config", str(REPO / "configs" / "strategy" / "ddp.yaml")], 2, 4),
-        "fsdp": (["--config", str(REPO / "configs" / "strategy" / "fsdp.yaml")], 2, 4)}
-
-
-def fit(tmp: Path, data_root: Path, method: str, run: str, name: str = "", callbacks: tuple = (),
-        args: tuple = ()) -> dict:
-    """One ``fit`` run (``name`` defaults to ``<method>-<run>``; extra ``callbacks`` configs and CLI ``args``)."""
-    extra, processes, batch_size = RUNS[run]
-    name = name or f"{method}-{run}"
-    record = tmp / name
-    record.mkdir()
-    callbacks = [{"class_path": "recorder.RecordSteps", "init_args": {"folder": str(record)}}, *callbacks]
-    if method == "svft":
-        callbacks.append({"class_path": "lit_peft.callbacks.SVDCache", "init_args": {"cache_dir": str(tmp / "svd")}})
-    config = write_config(tmp, data_root, ADAPTERS[method], max_epochs=3, callbacks=callbacks, name=name)
-    output = run_cli("fit", "--config", str(config), *extra, f"--trainer.devices={processes}",
-                     "--trainer.accelerator=cpu", f"--data.init_args.batch_size={batch_size}", "--test_after_fit=null",
-                     *args, cwd=tmp)
-    ranks = [json.loads((record / f"steps-rank{r}.json").read_text()) for r in range(processes)]
-    assert len({len(steps) for steps in ranks}) == 1, [len(s) for s in ranks]
-    version = tmp / "runs" / name / "version_0"
-    logged = sorted((int(r["step"]), float(r["train_loss"])) for r in read_metrics(version) if r.get("train_loss"))
-    return {"output": output,
-            "losses": [sum(rank[i]["loss"] for rank in ranks) / processes for i in range(len(ranks[0]))],
-            "train_loss": [loss for _, loss in logged],
-            "samples": [sorted(s for rank in ranks for s in rank[i]["samples"]) for i in range(len(ranks[0]))],
-            "merged": load_file(version / "merged" / "model.safetensors"),
-            "adapter": version / "merged" / "adapter" / "adapter.safetensors",
-            "checkpoint": version / "checkpoints" / "last.ckpt"}
+pytestmark = NEEDS_GLOO
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("distributed")
-    (tmp / "recorder.py").write_text(RECORDER)
-    return tmp, make_vtab_task(tmp / "vtab", sizes=(("train800", 16), ("val200", 6), ("test", 8)))
-
-
-@pytest.fixture(scope="module")
-def fitted(workdir):
+def fitted(vtab_workdir):
     """``fit(method, run)`` in the module's workdir, each at most once (the resume tests reuse the agreement runs)."""
-    return functools.cache(lambda method, run: fit(*workdir, method, run))
+    return functools.cache(lambda method, run: fit(*vtab_workdir, method, run))
 
 
 @pytest.mark.parametrize("method", ["boft", "svft"])
@@ -152,10 +66,10 @@ def test_single_ddp_fsdp2_agree(fitted, method):
 
 
 @pytest.mark.parametrize("run", ["ddp", "fsdp"])
-def test_mid_epoch_resume(workdir, fitted, run):
+def test_mid_epoch_resume(vtab_workdir, fitted, run):
     """Fail after step 3 of 6 (epoch 1's first batch), resume from that step's checkpoint: the uninterrupted run's
     batches, losses and final weights."""
-    tmp, data_root = workdir
+    tmp, data_root = vtab_workdir
     uninterrupted = fitted("boft", run)
     steps = tmp / f"{run}-steps"
     crash = [{"class_path": "recorder.FailAfter", "init_args": {"steps": 3}},

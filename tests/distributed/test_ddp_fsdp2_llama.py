@@ -1,10 +1,10 @@
-"""Single process vs DDP vs FSDP2 on a Hugging Face causal LM: the tiny Llama of ``test_language`` (``LlamaConfig``,
+"""Single process vs DDP vs FSDP2 on a Hugging Face causal LM: the tiny Llama of the ``llama_dir`` fixture (``LlamaConfig``,
 tied embeddings, saved with ``save_pretrained`` and loaded by :class:`~lit_peft.modules.CausalLMModule` from the
 folder) fine-tuned through ``python -m lit_peft fit`` with :class:`~lit_peft.data.InstructionDataModule` on its
 local arithmetic jsonl files, BOFT (dropout 0) and SVFT (with ``SVDCache``), 2 CPU processes with gloo and the
 shipped ``configs/strategy`` overlays.
 
-As in ``test_distributed`` (whose recorder and run table this reuses) every step is the whole training set
+As in ``test_ddp_fsdp2_vit.py`` (whose recorder and run table this reuses) every step is the whole training set
 (full-batch: 16 examples, one process with ``batch_size=16``, two with 8 each), so the comparison does not depend on
 the samplers' order. The training examples have different lengths (``varied_lengths``), so the ranks hold different
 numbers of label tokens: the causal-LM loss is a mean over *all* ranks' label tokens only because each rank rescales
@@ -22,9 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli_e2e import read_metrics, run_cli, write_config
-from test_distributed import RECORDER, RUNS, pytestmark  # noqa: F401 (pytestmark: skip without gloo)
-from test_language import PROJECTIONS, llama_dir  # noqa: F401 (llama_dir: the tiny Llama fixture)
+
+from helpers.cli import read_metrics, run_cli, write_config
+from helpers.distributed import NEEDS_GLOO, RECORDER, RUNS
+from helpers.language import PROJECTIONS
+
+pytestmark = NEEDS_GLOO
 
 GLOBAL_BATCH = 16
 ADAPTERS = {
@@ -95,7 +98,7 @@ def varied_lengths(source: Path, target: Path, n: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, llama_dir):  # noqa: F811
+def llama_workdir(tmp_path_factory, llama_dir):
     tmp = tmp_path_factory.mktemp("distributed_language")
     (tmp / "recorder.py").write_text(RECORDER)
     varied_lengths(llama_dir / "data" / "train.jsonl", tmp / "train_varied.jsonl", GLOBAL_BATCH)
@@ -103,8 +106,8 @@ def workdir(tmp_path_factory, llama_dir):  # noqa: F811
 
 
 @pytest.mark.parametrize("method", ["boft", "svft"])
-def test_single_ddp_fsdp2_agree_on_llama(workdir, llama_dir, method):  # noqa: F811
-    runs = {run: fit(workdir, llama_dir, method, run) for run in RUNS}
+def test_single_ddp_fsdp2_agree_on_llama(llama_workdir, llama_dir, method):
+    runs = {run: fit(llama_workdir, llama_dir, method, run) for run in RUNS}
     single = runs["single"]
     assert len(single["losses"]) == 3  # 16 training examples, global batch 16, 3 epochs
     assert len(single["val_acc"]) == 3 and len(single["predictions"]) == 6

@@ -7,43 +7,16 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import sys
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from helpers.distributed import spawn_workers
 
 METHODS = ["boft", "oft", "svft", "lora", "dora", "vera"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn_workers(target, world: int, *args) -> None:
-    """``target(rank, world, port, *args, errors)`` in ``world`` spawned processes (gloo needs a free port); fails with
-    the tracebacks the workers put on ``errors``."""
-    context = mp.get_context("spawn")
-    errors = context.SimpleQueue()
-    port = free_port()
-    processes = [context.Process(target=target, args=(r, world, port, *args, errors)) for r in range(world)]
-    for p in processes:
-        p.start()
-    for p in processes:
-        p.join(timeout=600)
-    for p in processes:
-        if p.is_alive():
-            p.kill()
-    messages = []
-    while not errors.empty():
-        messages.append(errors.get())
-    assert not messages, "\n".join(messages)
-    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
 
 
 def build(method: str):

@@ -1,4 +1,4 @@
-"""Exactness of every adapter method against the dense float64 reference in ``tests/reference.py``.
+"""Exactness of every adapter method against the dense float64 reference in ``tests/helpers/reference.py``.
 
 1. forward == reference formula (float64, random non-initial adapter values, both compute sides, fused qkv split,
    partial targets), train == eval with dropout 0;
@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import sys
 
 import pytest
 import torch
@@ -22,9 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from reference import (  # noqa: E402
+from helpers.models import make_vit, randomize
+from helpers.reference import (
     boft_rotation,
     cayley_dense,
     reference_layer,
@@ -33,7 +30,7 @@ from reference import (  # noqa: E402
     svft_support_size,
 )
 
-from lit_peft.adapters import (  # noqa: E402
+from lit_peft.adapters import (
     BOFT,
     OFT,
     SVFT,
@@ -54,6 +51,7 @@ timm = pytest.importorskip("timm")
 
 F64_TOL = 1e-10
 DTYPE_TOL = {torch.float32: 1e-5, torch.bfloat16: 6e-2, torch.float16: 1e-2}
+VIT_BIAS_STD = 0.05  # make_vit's linears get non-zero biases, N(0, 0.05²)
 
 
 # -- models ------------------------------------------------------------------------------------------------------
@@ -91,17 +89,6 @@ def make_net(seed: int = 0, width: int = 16) -> Net:
     return net
 
 
-def make_vit(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=8,
-                              embed_dim=64, depth=2, num_heads=2)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                m.bias.normal_(0, 0.05)
-    return model.eval()
-
-
 def net_input(model, dtype=torch.float64, seed=1):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(2, 5, model.width, generator=gen, dtype=torch.float64).to(dtype)
@@ -116,29 +103,6 @@ def vit_input(dtype=torch.float64, seed=1):
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-@torch.no_grad()
-def randomize(model: nn.Module, seed: int = 0, std: float = 0.3) -> None:
-    """Random, non-initial values for every adapter tensor (independent per layer and per part)."""
-    gen = torch.Generator().manual_seed(seed)
-    for layer in adapted_layers(model).values():
-        for name, p in layer.adapters.named_parameters():
-            leaf = name.rpartition(".")[2]
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            if leaf == "scale":
-                value = 1 + 0.2 * noise
-            elif leaf == "magnitude":
-                value = noise.abs() + 0.5
-            elif leaf == "gate":
-                value = noise
-            elif leaf == "lambda_d" or leaf == "lambda_b":
-                value = noise
-            elif leaf == "bias":
-                value = 0.3 * noise
-            else:  # skew, values, lora_A, lora_B
-                value = std * noise
-            p.copy_(value.to(p.dtype))
 
 
 def reference_params(base: nn.Module, adapted: nn.Module, detach_norm: bool = True) -> dict[str, torch.Tensor]:
@@ -166,7 +130,7 @@ def adapt(base: nn.Module, strategy, dtype=torch.float64, seed=0, random_values=
     """A deep copy of ``base`` adapted with ``strategy``, cast to ``dtype``, with random adapter values."""
     model = strategy.apply(copy.deepcopy(base)).to(dtype)
     if random_values:
-        randomize(model, seed, std)
+        randomize(model, seed, std, absolute=True)
     return model.eval()
 
 
@@ -299,7 +263,7 @@ VIT_PARTIAL = dict(target_modules=["qkv.q", "qkv.v", "fc2"])
 @pytest.mark.parametrize("side", ["activation", "weight"])
 @pytest.mark.parametrize("factory", VIT_CASES)
 def test_forward_matches_reference_vit(factory, side):
-    base = make_vit()
+    base = make_vit(bias_std=VIT_BIAS_STD)
     strategy = factory(side)
     if side == "weight" and not hasattr(strategy, "side"):
         pytest.skip("method has a single compute path")
@@ -320,7 +284,7 @@ def test_forward_matches_reference_vit(factory, side):
                                                                **VIT_PARTIAL), id="svft"),
                                      pytest.param(lambda: DoRA(rank=2, **VIT_PARTIAL), id="dora")])
 def test_forward_matches_reference_vit_partial_qkv(factory):
-    base = make_vit()
+    base = make_vit(bias_std=VIT_BIAS_STD)
     model = adapt(base, factory())
     layers = adapted_layers(model)
     assert set(layers) == {f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "mlp.fc2")}
@@ -360,7 +324,7 @@ def test_apply_to_float64_model(factory):
     """Adapters applied to a model that is already float64 must compute in float64 (exact to 1e-10)."""
     base = make_net().double()
     model = factory().apply(copy.deepcopy(base))
-    randomize(model)
+    randomize(model, std=0.3, absolute=True)
     model.eval()
     x = net_input(base)
     dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float64}
@@ -370,7 +334,7 @@ def test_apply_to_float64_model(factory):
 
 
 def test_vera_projections_shared_and_frozen():
-    model = adapt(make_vit(), VeRA(rank=8))
+    model = adapt(make_vit(bias_std=VIT_BIAS_STD), VeRA(rank=8))
     layers = list(adapted_layers(model).values())
     assert len({id(layer.projections) for layer in layers}) == 1
     assert not any(p.requires_grad for layer in layers for p in layer.projections.parameters())
@@ -434,7 +398,7 @@ INIT_CASES = [
 @pytest.mark.parametrize("side", ["activation", "weight"])
 @pytest.mark.parametrize("factory", INIT_CASES)
 def test_identity_at_init_vit(factory, side):
-    base = make_vit()
+    base = make_vit(bias_std=VIT_BIAS_STD)
     strategy = factory(side)
     if side == "weight" and not hasattr(strategy, "side"):
         pytest.skip("method has a single compute path")
@@ -480,7 +444,7 @@ MERGE_CASES = [
 
 @pytest.mark.parametrize("factory", MERGE_CASES)
 def test_merge_is_exact_and_idempotent(factory):
-    base = make_vit()
+    base = make_vit(bias_std=VIT_BIAS_STD)
     model = adapt(base, factory(), dtype=torch.float32)
     names = set(adapted_layers(model))
     adapters64 = adapt(base, factory(), dtype=torch.float64, random_values=False)
@@ -524,7 +488,7 @@ def test_merge_is_exact_and_idempotent(factory):
 def boft_single(n_in: int, b: int, m: int, dtype=torch.float32, cayley="exact", n_out: int = 8, seed=0, std=0.5):
     torch.manual_seed(seed)
     model = BOFT(block_size=b, n_butterfly_factors=m, cayley=cayley).apply(Single(n_in, n_out)).to(dtype)
-    randomize(model, seed, std=std)
+    randomize(model, seed, std=std, absolute=True)
     return model.lin
 
 
@@ -607,14 +571,14 @@ def test_neumann_guard_keeps_q_orthogonal(norm):
 
 
 def test_orthogonality_error():
-    boft = adapt(make_vit(), BOFT(block_size=4, n_butterfly_factors=3), dtype=torch.float32)
+    boft = adapt(make_vit(bias_std=VIT_BIAS_STD), BOFT(block_size=4, n_butterfly_factors=3), dtype=torch.float32)
     err = orthogonality_error(boft)
     assert err is not None and 0 <= err <= 1e-5
-    oft = adapt(make_vit(), OFT(block_size=8, cayley="neumann"), dtype=torch.float32)
+    oft = adapt(make_vit(bias_std=VIT_BIAS_STD), OFT(block_size=8, cayley="neumann"), dtype=torch.float32)
     assert orthogonality_error(oft) <= 1e-5  # large random skew: the guard falls back to the exact map
-    assert orthogonality_error(adapt(make_vit(), LoRA(rank=2), dtype=torch.float32)) is None
-    assert orthogonality_error(adapt(make_vit(), SVFT(), dtype=torch.float32)) is None
-    assert orthogonality_error(make_vit()) is None
+    assert orthogonality_error(adapt(make_vit(bias_std=VIT_BIAS_STD), LoRA(rank=2), dtype=torch.float32)) is None
+    assert orthogonality_error(adapt(make_vit(bias_std=VIT_BIAS_STD), SVFT(), dtype=torch.float32)) is None
+    assert orthogonality_error(make_vit(bias_std=VIT_BIAS_STD)) is None
 
 
 # =================================================================================================================
@@ -647,7 +611,7 @@ def test_low_precision_forward_backward(factory, side, dtype, order):
         pytest.skip("method has a single compute path")
     if dtype == torch.float32 and order != "cast-after-apply":
         pytest.skip("same as cast-after-apply")
-    base = make_vit()
+    base = make_vit(bias_std=VIT_BIAS_STD)
     model32 = adapt(base, strategy, dtype=torch.float32, std=0.1)
     x = vit_input(torch.float32)
     with torch.no_grad():
@@ -686,7 +650,7 @@ def test_autocast_bf16(factory, side):
     strategy = factory(side)
     if side == "weight" and not hasattr(strategy, "side"):
         pytest.skip("method has a single compute path")
-    base = make_vit()
+    base = make_vit(bias_std=VIT_BIAS_STD)
     model = adapt(base, strategy, dtype=torch.float32, std=0.1)
     x = vit_input(torch.float32)
     with torch.no_grad():

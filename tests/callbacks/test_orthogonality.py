@@ -1,0 +1,113 @@
+"""``OrthogonalityCheck`` (:mod:`lit_peft.callbacks.orthogonality`): BOFT's blocks stay orthogonal in training; a
+planted non-orthogonal layer warns, stops or raises; LoRA models are left alone. A real ``lightning.Trainer`` runs a
+few steps on scikit-learn's digits, on the tiny ViT of ``helpers.callbacks``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers.callbacks import make_module, trainer
+from lit_peft.adapters import BOFT, BOFTLinear, LoRA
+from lit_peft.callbacks import OrthogonalityCheck, OrthogonalityError
+from lit_peft.modules.vision import ViTClassifier
+
+
+def boft_module(seed: int = 0) -> ViTClassifier:
+    module = make_module(BOFT(block_size=8, n_butterfly_factors=2), seed,
+                         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
+    module.configure_model()  # idempotent; Lightning's own call then does nothing
+    return module
+
+
+def plant_non_orthogonal(module: ViTClassifier, name: str = "blocks.0.attn.qkv") -> None:
+    """Make one layer's blocks ``1.1 Q``: ``‖(1.1Q)ᵀ(1.1Q) − I‖_F = 0.21·√8 ≈ 0.59``."""
+    layer = module.model.get_submodule(name)
+    assert isinstance(layer, BOFTLinear)
+    original = layer.orthogonal_blocks
+    layer.orthogonal_blocks = lambda part, training=False: original(part, training) * 1.1
+
+
+def test_orthogonality_check_logs_tiny_error(tmp_path, digits):
+    module = boft_module()
+    check = OrthogonalityCheck(every_n_steps=1, tolerance=1e-4, action="raise")
+    run = trainer(tmp_path, [check], max_steps=3)
+    run.fit(module, datamodule=digits)
+    assert run.global_step == 3
+    assert check.last_error is not None and check.last_error < 1e-5
+    assert float(run.callback_metrics["orthogonality_error"]) == pytest.approx(check.last_error)
+    # The adapters did train (so the blocks are not trivially the identity).
+    skew = module.model.blocks[0].attn.qkv.adapters["q"].skew
+    assert skew.abs().max() > 0
+
+
+def test_orthogonality_check_warn(tmp_path, digits):
+    module = boft_module()
+    plant_non_orthogonal(module)
+    check = OrthogonalityCheck(every_n_steps=1, tolerance=1e-4, action="warn")
+    run = trainer(tmp_path, [check], max_steps=3)
+    with pytest.warns(UserWarning, match="OrthogonalityCheck: max .* exceeds tolerance") as record:
+        run.fit(module, datamodule=digits)
+    assert len([w for w in record if "OrthogonalityCheck" in str(w.message)]) == 3  # every step, training went on
+    assert run.global_step == 3 and not run.should_stop
+    assert check.last_error == pytest.approx(0.21 * 8 ** 0.5, rel=1e-3)
+    assert float(run.callback_metrics["orthogonality_error"]) == pytest.approx(check.last_error)
+
+
+def test_orthogonality_check_stop(tmp_path, digits):
+    module = boft_module()
+    plant_non_orthogonal(module, "blocks.1.mlp.fc2")
+    check = OrthogonalityCheck(every_n_steps=1, tolerance=1e-4, action="stop")
+    run = trainer(tmp_path, [check], max_steps=5)
+    with pytest.warns(UserWarning, match="exceeds tolerance"):
+        run.fit(module, datamodule=digits)
+    assert run.should_stop
+    assert run.global_step == 1  # stopped after the first check, long before max_steps
+
+
+def test_orthogonality_check_raise(tmp_path, digits):
+    module = boft_module()
+    plant_non_orthogonal(module)
+    check = OrthogonalityCheck(every_n_steps=1, tolerance=1e-4, action="raise")
+    run = trainer(tmp_path, [check], max_steps=5)
+    with pytest.raises(OrthogonalityError, match="exceeds tolerance"):
+        run.fit(module, datamodule=digits)
+    assert run.global_step == 1
+
+
+def test_orthogonality_check_every_n_steps(tmp_path, digits, monkeypatch):
+    steps = []
+    original = OrthogonalityCheck.check
+
+    def spy(self, trainer, pl_module):
+        steps.append(trainer.global_step)
+        return original(self, trainer, pl_module)
+
+    monkeypatch.setattr(OrthogonalityCheck, "check", spy)
+    run = trainer(tmp_path, [OrthogonalityCheck(every_n_steps=2)], max_steps=5)
+    run.fit(boft_module(), datamodule=digits)
+    assert steps == [2, 4]
+
+
+def test_orthogonality_check_lora_is_a_no_op(tmp_path, digits, lightning_log, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("orthogonality_error called on a LoRA model")
+
+    monkeypatch.setattr("lit_peft.callbacks.orthogonality.orthogonality_error", fail)
+    module = make_module(LoRA(rank=4))
+    check = OrthogonalityCheck(every_n_steps=1, action="raise")
+    run = trainer(tmp_path, [check], max_steps=2)
+    run.fit(module, datamodule=digits)
+    assert run.global_step == 2
+    assert not check.active and check.last_error is None
+    assert "orthogonality_error" not in run.callback_metrics
+    notices = lightning_log.messages("OrthogonalityCheck")
+    assert len(notices) == 1 and "\n" not in notices[0] and "LoRA" in notices[0]
+
+
+def test_orthogonality_check_arguments():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        OrthogonalityCheck(every_n_steps=0)
+    with pytest.raises(ValueError, match="action"):
+        OrthogonalityCheck(action="ignore")
