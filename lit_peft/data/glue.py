@@ -20,7 +20,10 @@ from .base import TextDataModule, _check_int, _unknown
 from .collators import GLUECollator
 from .datasets import GLUEDataset
 from .sources import _column, _require_fields, _text, is_local, load_split
-from .tasks import GLUE_TASKS, GLUETask
+from .tasks import GLUE_TASKS, TEXT_CLASSIFICATION_TASKS, GLUETask
+
+#: Every task this module reads: GLUE's eight and the further local ones.
+SEQUENCE_TASKS: dict[str, GLUETask] = {**GLUE_TASKS, **TEXT_CLASSIFICATION_TASKS}
 
 
 class GLUEDataModule(TextDataModule):
@@ -39,7 +42,8 @@ class GLUEDataModule(TextDataModule):
     the tokenizer returns them), "labels": (B,) float32 for STS-B, long otherwise}``.
 
     Args:
-        task: ``cola``, ``sst2``, ``mrpc``, ``qqp``, ``stsb``, ``mnli``, ``qnli`` or ``rte`` (:data:`GLUE_TASKS`).
+        task: ``cola``, ``sst2``, ``mrpc``, ``qqp``, ``stsb``, ``mnli``, ``qnli`` or ``rte`` (:data:`GLUE_TASKS`), or
+            ``bbc_news`` (:data:`TEXT_CLASSIFICATION_TASKS`, a local folder from ``lit_peft.assets``).
         data: a hub dataset with GLUE's configs and splits (``nyu-mll/glue``), or a local folder holding
             ``<data>/<task>/<split>.{jsonl,json,parquet,csv}`` (``<data>`` itself may be the task folder) with
             the task's text fields and ``label``.
@@ -56,7 +60,7 @@ class GLUEDataModule(TextDataModule):
 
     def __init__(
         self,
-        task: Literal["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"],
+        task: Literal["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "bbc_news"],
         data: str = "nyu-mll/glue",
         tokenizer: str | None = None,
         max_length: int | None = None,
@@ -67,8 +71,8 @@ class GLUEDataModule(TextDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__(tokenizer=tokenizer, num_workers=num_workers, seed=seed, cache_dir=cache_dir)
-        if task not in GLUE_TASKS:
-            raise _unknown("GLUE task", task, list(GLUE_TASKS))
+        if task not in SEQUENCE_TASKS:
+            raise _unknown("GLUE task", task, list(SEQUENCE_TASKS))
         _check_int("max_length", max_length, minimum=2, optional=True)
         _check_int("batch_size", batch_size)
         if mnli_mismatched and task != "mnli":
@@ -76,7 +80,7 @@ class GLUEDataModule(TextDataModule):
         self.save_hyperparameters()
         self.task = task
         self.data = data
-        self.max_length = int(max_length) if max_length is not None else GLUE_TASKS[task].max_length
+        self.max_length = int(max_length) if max_length is not None else SEQUENCE_TASKS[task].max_length
         self.batch_size = batch_size
         self.mnli_mismatched = bool(mnli_mismatched)
         self.train_set: GLUEDataset | None = None
@@ -87,7 +91,7 @@ class GLUEDataModule(TextDataModule):
 
     @property
     def spec(self) -> GLUETask:
-        return GLUE_TASKS[self.task]
+        return SEQUENCE_TASKS[self.task]
 
     @property
     def num_labels(self) -> int:

@@ -94,7 +94,7 @@ class InstructionDataModule(TextDataModule):
         eval_split: str = "test",
         eval_config: str | None = None,
         eval_task: Literal["gsm8k", "math", "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande",
-                           "ARC-Challenge", "ARC-Easy", "openbookqa"] | None = None,
+                           "ARC-Challenge", "ARC-Easy", "openbookqa", "sentiment"] | None = None,
         eval_query_field: str = "question",
         eval_answer_field: str = "answer",
         tokenizer: str | None = None,

@@ -43,6 +43,11 @@ VTAB_TASKS: OrderedDict[str, int] = OrderedDict(
     ]
 )
 
+#: Further tasks in the same list-file layout → #classes: the image assets ``lit_peft.assets`` prepares from real data
+#: that installs offline (``mnist-5k``, ``fashion-mnist``). Kept apart from :data:`VTAB_TASKS`, so VTAB sweeps and
+#: tables stay the 19 tasks.
+LIST_LAYOUT_TASKS: OrderedDict[str, int] = OrderedDict([("mnist", 10), ("fashion_mnist", 10)])
+
 #: The list files of one task folder in the prepared VTAB-1k layout.
 VTAB_LIST_FILES: tuple[str, ...] = ("train800.txt", "val200.txt", "train800val200.txt", "test.txt")
 
@@ -120,6 +125,13 @@ GLUE_TASKS: dict[str, GLUETask] = {
     "rte": GLUETask(("sentence1", "sentence2"), 2, "accuracy", 320),
 }
 
+#: Further sequence-classification tasks that ``GLUEDataModule`` reads from a local folder in the same layout: the
+#: text assets ``lit_peft.assets`` prepares from real data that installs offline (``bbc-news``; ``rt-sentiment``
+#: reads as ``sst2``). Kept apart from :data:`GLUE_TASKS`, so GLUE tables stay the eight tasks.
+TEXT_CLASSIFICATION_TASKS: dict[str, GLUETask] = {
+    "bbc_news": GLUETask(("text",), 5, "accuracy", 512),
+}
+
 #: Generation-eval tasks → how the gold answer in ``eval_answer_field`` is written (for the LightningModule that
 #: scores the generations; the data modules pass the gold answers through raw).
 EVAL_TASKS: dict[str, str] = {
@@ -130,6 +142,8 @@ EVAL_TASKS: dict[str, str] = {
           "label, compared with the first such word of the generation"
        for t in ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Challenge", "ARC-Easy",
                  "openbookqa")},
+    "sentiment": "Rotten Tomatoes sentence sentiment (lit_peft.assets rt-sentiment; instruction/answer): the gold "
+                 "answer is 'positive' or 'negative', compared with the first such word of the generation",
 }
 
 # --------------------------------------------------------------------------------------------------------------

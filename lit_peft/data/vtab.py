@@ -23,6 +23,7 @@ from .sources import vtab_torchvision
 from .tasks import (
     _HOLDOUT_SEED,
     _TV_UNSUPPORTED_REASON,
+    LIST_LAYOUT_TASKS,
     VTAB_FOLDER_ALIASES,
     VTAB_LIST_FILES,
     VTAB_TASKS,
@@ -40,7 +41,9 @@ class VTABDataModule(ImageDataModule):
     Images are resized to ``img_size``×``img_size`` (bicubic) and normalised, with no augmentation.
 
     Args:
-        task: one of the 19 VTAB-1k tasks (:data:`VTAB_TASKS`), e.g. ``cifar100``, ``dmlab``, ``smallnorb_ele``.
+        task: one of the 19 VTAB-1k tasks (:data:`VTAB_TASKS`), e.g. ``cifar100``, ``dmlab``, ``smallnorb_ele``,
+            or a task of :data:`LIST_LAYOUT_TASKS` in the same layout (``mnist``, ``fashion_mnist``: the image
+            assets of ``python -m lit_peft.assets``, whose folder is the ``data_root``).
         data_root: with ``source: folder``, the folder holding one sub-folder per task in the prepared VTAB-1k
             layout (``<data_root>/<task>/{train800,val200,train800val200,test}.txt``; the folder names ``cifar``
             and ``kitti`` of the common release are accepted for ``cifar100`` and ``kitti_dist``). With
@@ -76,8 +79,8 @@ class VTABDataModule(ImageDataModule):
         download: bool = False,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, mean=mean, std=std, seed=seed)
-        if task not in VTAB_TASKS:
-            raise _unknown("VTAB task", task, list(VTAB_TASKS))
+        if task not in VTAB_TASKS and task not in LIST_LAYOUT_TASKS:
+            raise _unknown("VTAB task", task, [*VTAB_TASKS, *LIST_LAYOUT_TASKS])
         if source not in ("folder", "torchvision"):
             raise ValueError(f"unknown source {source!r}; valid: 'folder' (prepared VTAB-1k layout), 'torchvision'")
         if source == "torchvision" and task not in VTAB_TORCHVISION_TASKS:
@@ -98,8 +101,8 @@ class VTABDataModule(ImageDataModule):
 
     @property
     def num_classes(self) -> int:
-        """Number of classes of the task (:data:`VTAB_TASKS`)."""
-        return VTAB_TASKS[self.task]
+        """Number of classes of the task (:data:`VTAB_TASKS`, :data:`LIST_LAYOUT_TASKS`)."""
+        return VTAB_TASKS.get(self.task) or LIST_LAYOUT_TASKS[self.task]
 
     # -- folder layout -------------------------------------------------------------------------------------------
 

@@ -250,8 +250,14 @@ COMMONSENSE_TASKS: dict[str, list[str]] = {
     "openbookqa": ["answer1", "answer2", "answer3", "answer4", "answer5"],
 }
 
+#: Classification tasks answered with a word (instruction-style), scored like the commonsense tasks.
+CLASSIFICATION_TASKS: dict[str, list[str]] = {"sentiment": ["positive", "negative"]}
+
+#: Every task answered by a word of its vocabulary (the first such word of the generation is the answer).
+WORD_TASKS: dict[str, list[str]] = {**COMMONSENSE_TASKS, **CLASSIFICATION_TASKS}
+
 #: Every task :func:`extract_answer` / :func:`is_correct` accept (canonical names).
-TASKS: tuple[str, ...] = ("gsm8k", "math", *COMMONSENSE_TASKS)
+TASKS: tuple[str, ...] = ("gsm8k", "math", *WORD_TASKS)
 
 # Common other spellings of the task names (matched case-insensitively, like the canonical names).
 _ALIASES = {
@@ -263,9 +269,9 @@ _ALIASES = {
 }
 _BY_LOWER = {name.lower(): name for name in TASKS} | _ALIASES
 
-_COMMONSENSE_RE = {
+_WORD_RE = {
     task: re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE)
-    for task, words in COMMONSENSE_TASKS.items()
+    for task, words in WORD_TASKS.items()
 }
 
 
@@ -278,17 +284,19 @@ def canonical_task(task: str) -> str:
     return name
 
 
-def _commonsense_task(task: str) -> str:
+def _word_task(task: str) -> str:
     name = canonical_task(task)
-    if name not in COMMONSENSE_TASKS:
-        raise ValueError(f"{task!r} is not a commonsense task; valid tasks: {', '.join(COMMONSENSE_TASKS)}")
+    if name not in WORD_TASKS:
+        raise ValueError(f"{task!r} is not a commonsense task nor another task answered by a word; valid tasks: "
+                         f"{', '.join(WORD_TASKS)}")
     return name
 
 
 def extract_commonsense_answer(task: str, text: str) -> str | None:
     """The first word of the task's answer vocabulary in ``text`` (case-insensitive, whole words), lower-cased
-    ("Answer: Solution1" → "solution1"); None if there is none."""
-    match = _COMMONSENSE_RE[_commonsense_task(task)].search(text)
+    ("Answer: Solution1" → "solution1"); None if there is none. Any task of :data:`WORD_TASKS` (the commonsense
+    tasks, sentiment)."""
+    match = _WORD_RE[_word_task(task)].search(text)
     return match.group(1).lower() if match else None
 
 
@@ -296,7 +304,7 @@ def extract_commonsense_answer(task: str, text: str) -> str | None:
 
 def extract_answer(task: str, text: str) -> str | None:
     """The answer in a model output for any task of :data:`TASKS` (GSM-8K: normalised number; MATH: raw boxed
-    content; commonsense: lower-cased answer word); None if there is none."""
+    content; commonsense and sentiment: lower-cased answer word); None if there is none."""
     name = canonical_task(task)
     if name == "gsm8k":
         return extract_gsm8k_answer(text)
@@ -323,8 +331,8 @@ def is_correct(task: str, prediction_text: str, gold: str) -> bool:
             raise ValueError(f"MATH gold has an unreadable \\boxed answer: {_preview(gold)}")
         return math_answers_equal(pred, gold_answer)
     gold_word = gold.strip().lower()
-    if gold_word not in COMMONSENSE_TASKS[name]:
-        raise ValueError(f"gold {gold!r} is not an answer of {name} (valid: {', '.join(COMMONSENSE_TASKS[name])})")
+    if gold_word not in WORD_TASKS[name]:
+        raise ValueError(f"gold {gold!r} is not an answer of {name} (valid: {', '.join(WORD_TASKS[name])})")
     return pred == gold_word
 
 

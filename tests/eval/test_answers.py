@@ -189,7 +189,7 @@ def test_commonsense_tasks_table():
     assert COMMONSENSE_TASKS["hellaswag"] == [f"ending{i}" for i in range(1, 5)]
     for task in ("ARC-Challenge", "ARC-Easy", "openbookqa"):
         assert COMMONSENSE_TASKS[task] == [f"answer{i}" for i in range(1, 6)]
-    assert TASKS == ("gsm8k", "math", *COMMONSENSE_TASKS)
+    assert TASKS == ("gsm8k", "math", *COMMONSENSE_TASKS, "sentiment")
 
 
 @pytest.mark.parametrize("task, text, expected", [
@@ -287,3 +287,13 @@ def test_answer_accuracy_copies_and_pickles():
     for clone in (copy.deepcopy(metric), pickle.loads(pickle.dumps(metric)), metric.clone()):
         assert type(clone) is AnswerAccuracy
         assert float(clone.compute()) == pytest.approx(2 / 3)
+
+
+def test_sentiment_is_a_word_task():
+    assert "sentiment" in TASKS and canonical_task("Sentiment") == "sentiment"
+    assert extract_answer("sentiment", " Positive. The review praises the film") == "positive"
+    assert extract_answer("sentiment", "I cannot tell") is None
+    assert is_correct("sentiment", "negative", "negative") and not is_correct("sentiment", "negative, not positive",
+                                                                              "positive")
+    with pytest.raises(ValueError, match="not an answer of sentiment"):
+        is_correct("sentiment", "positive", "neutral")
