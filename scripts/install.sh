@@ -11,4 +11,4 @@ if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
     # shellcheck disable=SC2086
     "$PY" -m pip install --quiet $TORCH_SPEC
 fi
-"$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+"$PY" -m pip install --quiet --disable-pip-version-check -e ".[test,assets]"
