@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,20 @@ def pretrain_digits_backbone(path: Path, backbone: str, model_kwargs: dict[str, 
     data = DigitsDataModule(classes=classes, img_size=img_size, seed=seed, batch_size=64, num_workers=0,
                             mean=config["mean"], std=config["std"])
     data.setup("fit")
+    return train_classifier(model, data.train_dataloader, data.val_dataloader(), epochs, path)
+
+
+def train_classifier(model: torch.nn.Module, train_loader: Callable[[], Iterable], val_loader: Iterable,
+                     epochs: int, path: Path) -> float:
+    """Train ``model`` from scratch (AdamW 2e-3, one-cycle schedule) on the batches of ``train_loader()`` (called
+    once per epoch), save its weights to ``path`` and return its accuracy on ``val_loader``: the demo's (and the
+    comparison harness's) stand-in for a hub checkpoint."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    steps = epochs * len(data.train_dataloader())
+    steps = epochs * len(train_loader())
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     model.train()
     for _ in range(epochs):
-        for images, labels in data.train_dataloader():
+        for images, labels in train_loader():
             loss = F.cross_entropy(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -54,7 +63,7 @@ def pretrain_digits_backbone(path: Path, backbone: str, model_kwargs: dict[str, 
     model.eval()
     correct = total = 0
     with torch.no_grad():
-        for images, labels in data.val_dataloader():
+        for images, labels in val_loader:
             correct += int((model(images).argmax(-1) == labels).sum())
             total += len(labels)
     path.parent.mkdir(parents=True, exist_ok=True)

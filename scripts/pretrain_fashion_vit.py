@@ -49,13 +49,12 @@ def pretrain(epochs: int = DEFAULT_EPOCHS, seed: int = 0, cache_dir: str = "~/.c
         return path
     import timm
     import torch
-    import torch.nn.functional as F
-    from safetensors.torch import save_file
     from torchvision import transforms
 
     from lit_peft import assets
     from lit_peft.data import ImageListDataset
-    from lit_peft.files import atomic_write, atomic_write_text
+    from lit_peft.demo import train_classifier
+    from lit_peft.files import atomic_write_text
 
     if threads:
         torch.set_num_threads(threads)
@@ -71,28 +70,9 @@ def pretrain(epochs: int = DEFAULT_EPOCHS, seed: int = 0, cache_dir: str = "~/.c
     gen = torch.Generator().manual_seed(seed)
     train_loader = torch.utils.data.DataLoader(train, batch_size=128, shuffle=True, generator=gen)
     val_loader = torch.utils.data.DataLoader(val, batch_size=256)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    steps = epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     start = time.perf_counter()
-    model.train()
-    for _ in range(epochs):
-        for images, labels in train_loader:
-            loss = F.cross_entropy(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for images, labels in val_loader:
-            correct += int((model(images).argmax(-1) == labels).sum())
-            total += len(labels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    info = {**r, "val_acc": correct / max(1, total), "seconds": time.perf_counter() - start}
+    accuracy = train_classifier(model, lambda: train_loader, val_loader, epochs, path)
+    info = {**r, "val_acc": accuracy, "seconds": time.perf_counter() - start}
     atomic_write_text(Path(str(path) + ".json"), json.dumps(info, indent=2) + "\n")
     print(f"pretrained {r['backbone']} on Fashion-MNIST in {info['seconds']:.0f}s: held-out accuracy "
           f"{info['val_acc']:.3f} -> {path}", file=sys.stderr)
