@@ -71,6 +71,42 @@ from lit_peft.files import atomic_write_text
 
 TARGETS = ["qkv", "proj", "fc1", "fc2"]
 SQUARE_TARGETS = ["qkv", "proj"]  # with fused_qkv="split" the q, k, v parts are width x width
+# --model smollm2: every linear of the decoder layers (the comparison harness's rt-smollm2 task adapts the same)
+LLM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLM_SQUARE_TARGETS = ["q_proj", "o_proj"]  # k_proj, v_proj are 576 -> 192 (grouped-query attention)
+
+
+def model_targets(args) -> tuple[list[str], list[str]]:
+    return (LLM_TARGETS, LLM_SQUARE_TARGETS) if args.model == "smollm2" else (TARGETS, SQUARE_TARGETS)
+
+
+def real_batch(args) -> dict:
+    """``--model smollm2``: the first training batch of the harness's rt-smollm2 task (RT sentiment prompts in the
+    alpaca template, answer-only labels), built by lit_peft's InstructionDataModule from the prepared assets."""
+    from lit_peft import assets
+    from lit_peft.data import InstructionDataModule
+
+    rt = assets.path("rt-sentiment")
+    dm = InstructionDataModule(train_data=f"{rt}/instruction", query_field="instruction", response_field="output",
+                               template="alpaca", tokenizer=args.model_path, max_length=256,
+                               batch_size=args.batch, seed=42)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+
+
+def build_model(args):
+    """The benchmarked model (seeded) and its step input."""
+    if args.model == "smollm2":
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32)
+        model.config.use_cache = False
+        return model, {k: v.to(args.device) for k, v in args.llm_batch.items()}
+    torch.manual_seed(0)
+    model = LinearStack(args.width, args.blocks)
+    gen = torch.Generator().manual_seed(1)
+    return model, torch.randn(args.batch, args.tokens, args.width, generator=gen)
 
 
 # -- the model -------------------------------------------------------------------------------------------------
@@ -129,7 +165,7 @@ class Method:
     notes: list[str] = field(default_factory=list)
 
 
-def _lit(strategy_factory, targets=TARGETS):
+def _lit_rows(strategy_factory, targets):
     def build(model, args):
         from lit_peft.adapters import SVFT
 
@@ -191,20 +227,29 @@ def _full(model, args):
     return model, ["all weights trainable"]
 
 
-def methods() -> list[Method]:
+def methods(targets: list[str] | None = None, square_targets: list[str] | None = None) -> list[Method]:
+    """Every row; ``targets`` / ``square_targets`` (default: the linear stack's) name the adapted linears of the
+    benchmarked model (``square_targets``: the square ones, for SVFT top_k)."""
     from lit_peft.adapters import BOFT, OFT, SVFT, DoRA, LoRA, VeRA
+
+    targets = list(targets or TARGETS)
+    square_targets = list(square_targets or SQUARE_TARGETS)
+
+    def _lit(strategy_factory, targets=targets):
+        return _lit_rows(strategy_factory, targets)
 
     def peft_cfg(name, **kw):
         def make(args):
             import peft
-            return getattr(peft, name)(target_modules=list(TARGETS), **kw)
+            return getattr(peft, name)(target_modules=list(targets), **kw)
         return make
 
     rows = [
         Method("frozen", "frozen base (floor)", "torch", _frozen),
         Method("full", "full fine-tuning", "torch", _full),
         Method("lora", "LoRA r=8", "lit_peft", _lit(lambda a, t: LoRA(rank=8, alpha=16, target_modules=t)),
-               peft_ref="lora-peft", ref_note="lit_peft splits qkv into q, k, v (3 pairs); peft: one pair"),
+               peft_ref="lora-peft",
+               ref_note="lit_peft splits qkv into q, k, v (3 pairs); peft: one pair" if "qkv" in targets else ""),
         Method("lora-joint", "LoRA r=8, qkv joint", "lit_peft",
                _lit(lambda a, t: LoRA(rank=8, alpha=16, target_modules=t, fused_qkv="joint")),
                peft_ref="lora-peft", notes=["fused_qkv='joint' (as peft)"]),
@@ -251,8 +296,8 @@ def methods() -> list[Method]:
         Method("svft-random", "SVFT random d=2", "lit_peft",
                _lit(lambda a, t: SVFT("random", off_diag=2, target_modules=t))),
         Method("svft-topk", "SVFT top_k d=2", "lit_peft",
-               _lit(lambda a, t: SVFT("top_k", off_diag=2, target_modules=t), targets=SQUARE_TARGETS),
-               notes=["qkv, proj only: top_k needs square W; fc1, fc2 frozen"]),
+               _lit(lambda a, t: SVFT("top_k", off_diag=2, target_modules=t), targets=square_targets),
+               notes=[", ".join(square_targets) + " only: top_k needs square W; the others frozen"]),
     ]
     return rows
 
@@ -332,8 +377,8 @@ def measure(method: Method, args) -> dict:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    torch.manual_seed(0)
-    model = LinearStack(args.width, args.blocks).to(device)
+    model, x = build_model(args)
+    model = model.to(device)
     base_storages = _storages(model)
     _trim_heap()
     base_rss = (_proc_status_kib("VmRSS") or 0) * 1024
@@ -343,22 +388,26 @@ def measure(method: Method, args) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     static_bytes = sum(n for ptr, n in _storages(model).items() if ptr not in base_storages)
     params = [p for p in model.parameters() if p.requires_grad]
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, args.tokens, args.width, generator=gen).to(device)
-    if method.key == "frozen" or args.input_grad:
-        x.requires_grad_(True)
-    if not x.requires_grad and not params:
+    llm = isinstance(x, dict)
+    if not llm:
+        x = x.to(device)
+        if method.key == "frozen" or args.input_grad:
+            x.requires_grad_(True)
+    if not (not llm and x.requires_grad) and not params:
         raise RuntimeError("nothing requires grad")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
     def step():
         with autocast:
-            out = model(x)
-        loss = out.float().pow(2).mean()
+            if llm:
+                loss = model(**x).loss           # the model's own LM loss on the answer tokens
+            else:
+                loss = model(x).float().pow(2).mean()
         loss.backward()
         for p in params:
             p.grad = None
-        x.grad = None
+        if not llm:
+            x.grad = None
 
     _trim_heap()
     rss_peak_reset = not cuda and _reset_peak_rss()
@@ -492,8 +541,13 @@ def render(rows: list[Method], results: dict[str, dict], args, command: str) -> 
         peft_version = "not installed"
     width = args.width
     cpu = args.device == "cpu"
-    shapes = (f"{args.blocks} block(s) × [qkv {width}→{3 * width}, proj {width}→{width}, fc1 {width}→{4 * width}, "
-              f"fc2 {4 * width}→{width}], input ({args.batch}, {args.tokens}, {width})")
+    if args.model == "smollm2":
+        shapes = (f"SmolLM2-135M-Instruct (30 decoder layers, width 576; `{', '.join(LLM_TARGETS)}` adapted), "
+                  f"float32 weights; input: the rt-smollm2 task's first training batch ({args.batch} RT sentiment "
+                  f"prompts, padded to {args.tokens} tokens), loss: the model's LM loss on the answer tokens")
+    else:
+        shapes = (f"{args.blocks} block(s) × [qkv {width}→{3 * width}, proj {width}→{width}, "
+                  f"fc1 {width}→{4 * width}, fc2 {4 * width}→{width}], input ({args.batch}, {args.tokens}, {width})")
     if args.device == "cuda":
         peak_what = "torch.cuda.max_memory_allocated() over one step minus what was allocated before it"
     else:
@@ -507,7 +561,9 @@ def render(rows: list[Method], results: dict[str, dict], args, command: str) -> 
         f"torch {torch.__version__}, peft {peft_version}, lit_peft {getattr(lit_peft, '__version__', '?')}, "
         f"Python {platform.python_version()}; device: {device_label(args)}; threads: {args.threads}; "
         f"dtype: {args.dtype}{' (autocast)' if args.dtype == 'bfloat16' else ''}  ",
-        f"Shapes: {shapes}; input requires grad: {'all rows' if args.input_grad else 'frozen row only'}  ",
+        f"Shapes: {shapes}"
+        + ("" if args.model == "smollm2" else
+           f"; input requires grad: {'all rows' if args.input_grad else 'frozen row only'}") + "  ",
         f"Time: {args.stat} of up to {args.repeats * args.rounds} steps (forward, loss, backward, zero grads; "
         f"{args.repeats} per process after {args.warmup} warm-up steps"
         + (f", {args.rounds} rounds over all rows" if args.rounds > 1 else "") + "), "
@@ -620,6 +676,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--model", choices=["linear-stack", "smollm2"], default="linear-stack",
+                   help="linear-stack: ViT-B-shaped linears, random input (default); smollm2: the prepared "
+                        "SmolLM2-135M-Instruct asset on a real batch of the rt-smollm2 task (python -m "
+                        "lit_peft.assets prepare smollm2-135m-instruct rt-sentiment)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="bfloat16 runs under torch.autocast (weights stay float32)")
     p.add_argument("--width", type=int, default=768)
@@ -651,11 +711,18 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="smoke run: width 256, 1 block, batch 2, 64 tokens, 1 warm-up + 2 timed steps")
     p.add_argument("--out", default=None, help="markdown file whose device section to replace or append")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write every row's numbers and the rendered table to this JSON file")
     p.add_argument("--note", default=None, help="a line to put above the table in --out (e.g. 'Preliminary')")
     args = p.parse_args(argv)
     if args.quick:
         args.width, args.blocks, args.batch, args.tokens = 256, 1, 2, 64
         args.warmup, args.repeats = 1, 2
+    if args.model == "smollm2":
+        from lit_peft import assets
+        args.model_path = str(assets.path("smollm2-135m-instruct"))   # AssetNotPrepared says what to run
+        args.llm_batch = real_batch(args)
+        args.tokens = int(args.llm_batch["input_ids"].shape[1])
     if args.threads is None:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return args
@@ -664,7 +731,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
-    rows = methods()
+    rows = methods(*model_targets(args))
+    if args.model == "smollm2":
+        rows = [r for r in rows if r.key != "frozen"]   # no input to take a gradient of: the floor is undefined
     if args.list:
         for row in rows:
             print(f"{row.key:22s} {row.impl:9s} {row.method}")
@@ -731,9 +800,18 @@ def main(argv=None) -> int:
         ratio = boft_ms / lora_ms
         print(f"lit_peft BOFT(m=2, b=8) / LoRA r=8 time: {ratio:.2f}× (target ≤ 1.30×: "
               f"{'met' if ratio <= 1.3 else 'NOT met'})")
+    if args.json:
+        import json
+        atomic_write_text(args.json, json.dumps({
+            "command": command, "table": body, "stat": args.stat,
+            "rows": {r.key: {"method": r.method, "impl": r.impl, **{k: v for k, v in results.get(r.key, {}).items()
+                                                                   if k != "traceback"}} for r in rows}},
+            indent=2, default=str) + "\n")
     if args.out:
-        key = f"{args.device}-{args.dtype}" + (f"-{args.threads}threads" if args.device == "cpu" else "")
-        title = f"{device_label(args)}, {args.dtype}" + (f", {args.threads} thread(s)" if args.device == "cpu" else "")
+        key = (("smollm2-" if args.model == "smollm2" else "") + f"{args.device}-{args.dtype}"
+               + (f"-{args.threads}threads" if args.device == "cpu" else ""))
+        title = (("SmolLM2-135M, " if args.model == "smollm2" else "") + f"{device_label(args)}, {args.dtype}"
+                 + (f", {args.threads} thread(s)" if args.device == "cpu" else ""))
         write_section(args.out, key, title, (f"> {args.note}\n\n" if args.note else "") + body)
         print(f"wrote section '{key}' of {args.out}", file=sys.stderr)
     return 0

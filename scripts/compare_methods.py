@@ -146,6 +146,8 @@ def _adapter(cls: str, **init_args) -> dict:
 
 #: method -> (adapter factory(targets, square_targets) or None for head only, lr-grid family)
 METHODS: dict[str, tuple] = {
+    # the model before fine-tuning (LoRA at its identity init, 0 steps): the floor of a task with no new head
+    "untrained": (lambda t, sq: _adapter("lit_peft.adapters.LoRA", rank=8, alpha=16.0, target_modules=t), "lora"),
     "head-only": (lambda t, sq: None, "head"),
     "full-ft": (lambda t, sq: _adapter("compare_methods.FullFineTuning"), "full"),
     "lora-r8": (lambda t, sq: _adapter("lit_peft.adapters.LoRA", rank=8, alpha=16.0, target_modules=t), "lora"),
@@ -192,6 +194,9 @@ class Task:
     skip_methods: dict[str, str] = field(default_factory=dict)
     timeout_s: int = 1200
     notes: str = ""
+    seeds: int | None = None         # seeds of the reported runs (None: the suite's)
+    untrained: bool = False          # run the "untrained" row (tasks without a new head: the causal LM)
+    cost: bool = False               # also measure speed and memory with scripts/bench_adapters.py (peft rows)
 
 
 def asset(name: str) -> str:
@@ -213,8 +218,10 @@ def make_tasks(suite: str, only: list[str] | None = None) -> dict[str, Task]:
     smoke = suite == "smoke"
     lr_vision = {"head": [3e-3, 1e-2], "full": [3e-4, 1e-3], "lora": [1e-3, 3e-3], "vera": [3e-3, 1e-2],
                  "oft": [1e-3, 3e-3], "svft": [1e-2, 5e-2]}
-    lr_text = {"head": [1e-3, 3e-3], "full": [5e-5, 2e-4], "lora": [5e-4, 2e-3], "vera": [3e-3, 1e-2],
-               "oft": [5e-4, 2e-3], "svft": [5e-3, 2e-2]}
+    # moved up after a first grid (rt-minilm at 40 steps): 5e-4 (LoRA, OFT), 5e-3 (SVFT) and all of VeRA's
+    # 3e-3..1e-2 stayed at chance
+    lr_text = {"head": [1e-3, 3e-3], "full": [1e-4, 3e-4], "lora": [2e-3, 5e-3], "vera": [2e-2, 5e-2],
+               "oft": [3e-3, 1e-2], "svft": [2e-2, 5e-2]}
     # the LLM: one lr per family (no grid: 6 s per step on 2 cores), LoRA's measured 1e-3 and the papers' ratios
     lr_llm = {"full": [5e-5], "lora": [1e-3], "vera": [1e-2], "oft": [1e-3], "svft": [1e-2]}
     tasks: dict[str, Task] = {}
@@ -222,7 +229,7 @@ def make_tasks(suite: str, only: list[str] | None = None) -> dict[str, Task]:
     def add(task: Task):
         tasks[task.name] = task
 
-    steps = 60 if not smoke else 4
+    steps = 120 if not smoke else 4
     if only is not None and "mnist-vit" not in only:
         backbone = []
     elif smoke:
@@ -245,36 +252,37 @@ def make_tasks(suite: str, only: list[str] | None = None) -> dict[str, Task]:
     if smoke:
         return tasks
     for name, data_asset, task_name, maxlen, title, eval_note in (
-            ("bbc-minilm", "bbc-news", "bbc_news", 128, "all-MiniLM-L6-v2 → BBC News topics (5 classes)",
+            ("bbc-minilm", "bbc-news", "bbc_news", 96, "all-MiniLM-L6-v2 → BBC News topics (5 classes)",
              "the 224 validation articles"),
             ("rt-minilm", "rt-sentiment", "sst2", 64, "all-MiniLM-L6-v2 → Rotten Tomatoes sentence sentiment",
              "the 917 validation sentences")):
-        if name == "bbc-minilm":
-            steps_t = 40
-        else:
-            steps_t = 40
         add(Task(name, f"configs/compare/{name}.yaml", title, "test_accuracy", "tokens", BERT_TARGETS,
-                 ["query", "key", "value", "attention.output.dense"], steps_t, 16, lr_text, head_lr=3e-3,
+                 ["query", "key", "value", "attention.output.dense"], 30, 16, lr_text, head_lr=3e-3,
                  extra=["--model.init_args.model_name_or_path", asset("minilm"),
                         "--data.init_args.data", f"{asset(data_asset)}/classification",
                         "--data.init_args.max_length", str(maxlen)],
-                 grid_extra=["--test_after_fit", "final"], grid_metric="test_accuracy", timeout_s=900,
-                 notes=f"GLUEDataModule tests on the data's validation split (GLUE convention), so the lr is "
-                       f"chosen and the number reported on {eval_note}: the reported figure is optimistic by the "
-                       f"choice of one of two lrs."))
+                 grid_extra=["--data.init_args.test_split", "validation"], grid_metric="test_accuracy",
+                 final_extra=["--data.init_args.test_split", "test"], timeout_s=900,
+                 notes=f"lr chosen on {eval_note} (the validation split), the reported runs scored on the data's "
+                       f"held-out test split (GLUEDataModule `test_split: test`)."))
     rt = asset("rt-sentiment")
     add(Task("rt-smollm2", "configs/compare/rt-smollm2.yaml",
              "SmolLM2-135M-Instruct → Rotten Tomatoes sentiment (instruction style, greedy generation)",
-             "test_acc", "tokens", LLAMA_TARGETS, ["q_proj", "o_proj"], 24, 8, lr_llm,
+             "test_acc", "tokens", LLAMA_TARGETS, ["q_proj", "o_proj"], 20, 8, lr_llm,
              extra=["--model.init_args.model_name_or_path", asset("smollm2-135m-instruct"),
                     "--data.init_args.train_data", f"{rt}/instruction", "--data.init_args.eval_data",
                     f"{rt}/instruction"],
              grid_extra=["--data.init_args.eval_split", "validation"],
-             final_extra=["--data.init_args.eval_split", "test"], forgetting=True, timeout_s=1200,
+             # testing uses every eval example: 4 batches of 16 keep it to the first 64 test sentences
+             final_extra=["--data.init_args.eval_split", "test", "--trainer.limit_test_batches", "4"],
+             forgetting=True, timeout_s=1200, seeds=1,
+             cost=True, untrained=True,
              skip_methods={"head-only": "n/a: a causal LM has no new head (lm_head is tied to the embeddings)"},
-             notes="one lr per method (no grid: about 6 s per optimiser step on 2 cores), 64 test sentences "
+             notes="one lr per method family and one seed (no grid, no further seeds: about 6 s per optimiser "
+                   "step on 2 cores, and 3 seeds of 10 methods would take 45 minutes alone), 64 test sentences "
                    "(max_eval_samples), 3 new tokens; forgetting = LM loss on 16 held-out BBC articles "
-                   "(256 tokens each) after fine-tuning minus before (positive = forgot)."))
+                   "(256 tokens each) after fine-tuning minus before (positive = forgot). The `untrained` row is the "
+                   "model before fine-tuning, under the same protocol (0 steps)."))
     return tasks
 
 
@@ -299,7 +307,7 @@ def run_one(task: Task, method: str, lr: float, seed: int, phase: str, runs: Pat
         callback["init_args"]["forgetting_data"] = f"{asset('bbc-news')}/classification/test.jsonl"
     cmd = [sys.executable, "-m", "lit_peft", "fit", "--config", task.config, *task.extra,
            *(task.grid_extra if phase == "grid" else task.final_extra),
-           "--seed_everything", str(seed), "--trainer.max_steps", str(task.steps),
+           "--seed_everything", str(seed), "--trainer.max_steps", str(0 if method == "untrained" else task.steps),
            "--data.init_args.batch_size", str(task.batch),
            "--model.init_args.adapter", json.dumps(adapter),
            "--model.init_args.optimizer.init_args.lr", str(lr),
@@ -360,6 +368,65 @@ def run_one(task: Task, method: str, lr: float, seed: int, phase: str, runs: Pat
     return result
 
 
+#: scripts/bench_adapters.py rows of a task's speed/memory table, and the issue's targets (× lit_peft LoRA r=8)
+COST_ROWS = "lora$|lora-peft|boft-m2$|boft-peft|svft-banded$"
+COST_TARGETS = (("boft-m2", "BOFT m=2 b=8", 1.2, 1.1), ("svft-banded", "SVFT banded d=2", 1.5, 1.3))
+
+
+def run_cost(task: Task, runs: Path) -> dict | None:
+    """Speed and peak memory of LoRA, BOFT and SVFT (lit_peft and peft) on the task's model and a real training
+    batch: ``scripts/bench_adapters.py --model smollm2`` in a subprocess, run while nothing else runs."""
+    folder = runs / task.name / "cost"
+    out = folder / "bench.json"
+    cmd = [sys.executable, str(SCRIPTS / "bench_adapters.py"), "--model", "smollm2", "--batch", str(task.batch),
+           "--methods", COST_ROWS, "--warmup", "1", "--repeats", "3", "--json", str(out)]
+    key = hashlib.sha256(json.dumps(cmd[1:]).encode()).hexdigest()[:16]
+    stamp = folder / "key.txt"
+    if out.is_file() and stamp.is_file() and stamp.read_text().strip() == key:
+        return json.loads(out.read_text())
+    if REPORT_ONLY:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {task.name} speed and memory (bench_adapters.py) ...", flush=True)
+    start = time.perf_counter()
+    with open(folder / "log.txt", "w") as log:
+        rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=3600).returncode
+    if rc != 0 or not out.is_file():
+        print(f"    -> failed (exit {rc}; see {folder / 'log.txt'})", flush=True)
+        return {"error": f"exit {rc}: see {folder / 'log.txt'}"}
+    from lit_peft.files import atomic_write_text
+    atomic_write_text(stamp, key + "\n")
+    print(f"    -> ok ({time.perf_counter() - start:.0f}s)", flush=True)
+    return json.loads(out.read_text())
+
+
+def cost_section(cost: dict | None) -> list[str]:
+    lines = ["## Speed and memory (same model, same batch)", ""]
+    if not cost or "error" in cost:
+        return lines + [f"Not measured: {cost['error'] if cost else 'no finished measurement (--report-only)'}", ""]
+    rows = cost["rows"]
+
+    def ms(key):
+        times = rows.get(key, {}).get("times")
+        return statistics.median(times) if times else None
+
+    lora_ms, lora_mem = ms("lora"), rows.get("lora", {}).get("mem_bytes")
+    lines += ["| method | time × LoRA r=8 | target | memory × LoRA r=8 | target | met |", "|---|--:|--:|--:|--:|---|"]
+    for key, name, t_target, m_target in COST_TARGETS:
+        t, m = ms(key), rows.get(key, {}).get("mem_bytes")
+        if not (t and m and lora_ms and lora_mem):
+            lines.append(f"| {name} | — | ≤ {t_target}× | — | ≤ {m_target}× | not measured |")
+            continue
+        tr, mr = t / lora_ms, m / lora_mem
+        verdict = ("yes" if tr <= t_target and mr <= m_target else
+                   "time: " + ("yes" if tr <= t_target else "**no**") + ", memory: " + ("yes" if mr <= m_target else "**no**"))
+        lines.append(f"| {name} | {tr:.2f}× | ≤ {t_target}× | {mr:.2f}× | ≤ {m_target}× | {verdict} |")
+    lines += ["", "Measured by the harness with `scripts/bench_adapters.py` (one forked process per row, before the "
+              "task's training runs, nothing else running); its table:", "", cost["table"]]
+    return lines
+
+
 def read_metrics(folder: Path) -> dict:
     """train_loss per step and the last value of every other column of the run's metrics.csv."""
     out = {"train_loss": [], "final": {}}
@@ -384,9 +451,12 @@ def run_task(task: Task, methods: list[str], seeds: int, runs: Path, jobs: int =
     ``jobs`` subprocesses at a time."""
     from concurrent.futures import ThreadPoolExecutor
     start = time.perf_counter()
+    cost = run_cost(task, runs) if task.cost else None
     rows: dict[str, dict] = {}
     todo = []
     for method in methods:
+        if method == "untrained" and not task.untrained:
+            continue
         if method in task.skip_methods:
             rows[method] = {"status": "skipped", "why": task.skip_methods[method]}
         else:
@@ -394,7 +464,7 @@ def run_task(task: Task, methods: list[str], seeds: int, runs: Path, jobs: int =
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         grids = {m: task.lr_grid[METHODS[m][1]] for m in todo}
         grid_futures = {m: [pool.submit(run_one, task, m, lr, 0, "grid", runs) for lr in grids[m]]
-                        for m in todo if len(grids[m]) > 1}
+                        for m in todo if len(grids[m]) > 1 and m != "untrained"}
         chosen = {}
         for m in todo:
             if m in grid_futures:
@@ -415,7 +485,7 @@ def run_task(task: Task, methods: list[str], seeds: int, runs: Path, jobs: int =
             rows[m] = {"status": "ok" if all(r["status"] == "ok" for r in finals) else "failed",
                        "lr": chosen[m][0], "grid": chosen[m][1], "runs": finals}
     ordered = {m: rows[m] for m in methods if m in rows}
-    return {"task": task.name, "rows": ordered, "wall_s": time.perf_counter() - start, "jobs": jobs}
+    return {"task": task.name, "rows": ordered, "wall_s": time.perf_counter() - start, "jobs": jobs, "cost": cost}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -528,6 +598,7 @@ def write_report(task: Task, result: dict, summary: list[dict], out: Path, comma
               "allocator.", "",
               f"![{task.name}: metric vs parameters]({task.name}_params.png)",
               f"![{task.name}: training loss]({task.name}_loss.png)", "",
+              *(cost_section(result.get("cost")) if task.cost else []),
               f"- Command: `{command}` ("
               + ("this table rebuilt from the finished runs with `--report-only`; " if REPORT_ONLY else
                  f"this invocation: {result['wall_s'] / 60:.1f} min; ")
@@ -599,6 +670,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS of each run (default: torch's own, all cores)")
+    parser.add_argument("--no-cost", action="store_true",
+                        help="skip the speed/memory measurement (scripts/bench_adapters.py) of tasks that have one")
     parser.add_argument("--report-only", action="store_true",
                         help="write the tables and plots from the finished runs under --runs; start nothing")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
@@ -609,7 +682,6 @@ def main(argv=None) -> int:
     REPORT_ONLY = args.report_only
     if args.threads:
         THREAD_ENV["OMP_NUM_THREADS"] = str(args.threads)
-    seeds = args.seeds or defaults["seeds"]
     methods = args.methods or defaults.get("methods") or list(METHODS)
     tasks = make_tasks(args.suite, args.tasks)
     names = args.tasks or list(tasks)
@@ -623,6 +695,9 @@ def main(argv=None) -> int:
         task = tasks[name]
         if args.steps:
             task.steps = args.steps
+        if args.no_cost:
+            task.cost = False
+        seeds = args.seeds or task.seeds or defaults["seeds"]
         result = run_task(task, methods, seeds, args.runs.resolve(), args.jobs)
         summary = summarise(result)
         write_report(task, result, summary, args.out, command, seeds, args.suite)

@@ -172,6 +172,43 @@ def multiplicative_dropout(Q: Tensor, p: float) -> Tensor:
     return torch.where(mask, torch.eye(b, dtype=Q.dtype, device=Q.device), Q)
 
 
+class _ScaledFrozenLinear(torch.autograd.Function):
+    """``y = s ⊙ (x Wᵀ)`` for a frozen ``W``, keeping the *output* ``y`` for ``s``'s gradient (``Σ g ⊙ y / s``)
+    instead of the pre-scale ``x Wᵀ`` that plain autograd keeps.
+
+    The consumer of a linear's output often saves it anyway (an activation's input, attention's values), so ``y``
+    is stored once instead of twice; on SmolLM2 this is most of BOFT's activation memory above LoRA's. Callers
+    use it only when ``W`` needs no gradient and no ``s`` is exactly 0 (there ``y`` holds nothing to divide).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+        y = F.linear(x, weight)
+        y.mul_(scale.to(y.dtype))           # in place: no second activation-sized tensor
+        ctx.save_for_backward(y, weight, scale)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        y, weight, scale = ctx.saved_tensors
+        s = scale.to(grad.dtype)
+        grad_x = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad * s) @ weight.to(grad.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_scale = ((grad * y).reshape(-1, y.shape[-1]).sum(0) / s).to(scale.dtype)
+        return grad_x, None, grad_scale
+
+
+def scaled_frozen_linear(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+    """``s ⊙ (x Wᵀ)`` (see :class:`_ScaledFrozenLinear`); plain autograd where its conditions do not hold."""
+    if (torch.is_grad_enabled() and scale.requires_grad and not weight.requires_grad
+            and not bool((scale == 0).any())):
+        return _ScaledFrozenLinear.apply(x, weight, scale)
+    y = F.linear(x, weight)
+    return y * scale.to(y.dtype)
+
+
 # -- modules ---------------------------------------------------------------------------------------------------
 class BOFTPart(nn.Module):
     """The trainable tensors of one part: ``skew`` (the free entries of every ``A``), ``scale`` ``s``, ``bias``.
@@ -253,11 +290,15 @@ class BOFTLinear(AdaptedLinear):
         return (rotated if scale is None else rotated * scale[:, None]), bias
 
     def part_output(self, part, x, weight, bias):
-        y = F.linear(self._rotate(x, self.orthogonal_blocks(part, self.training), transpose=True), weight)
-        scale, bias = self._scale_and_bias(part, bias, y)
-        if scale is None:
-            return y if bias is None else y + bias
-        return y * scale if bias is None else torch.addcmul(bias, y, scale)  # one pass for s ⊙ y + b
+        rotated = self._rotate(x, self.orthogonal_blocks(part, self.training), transpose=True)
+        adapter = self.adapters[part]
+        if adapter.bias is not None:
+            bias = adapter.bias
+        if adapter.scale is None:
+            y = F.linear(rotated, weight)
+        else:
+            y = scaled_frozen_linear(rotated, weight, full_tensor(adapter.scale))
+        return y if bias is None else y + adapter_tensor(bias, y)
 
     def side_costs(self, tokens, backward):
         """Rotating ``W`` against rotating the activations, per input feature.

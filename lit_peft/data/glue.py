@@ -35,7 +35,9 @@ class GLUEDataModule(TextDataModule):
     ``transformers.DataCollatorWithPadding``. Splits: ``fit`` trains on ``train`` and validates on
     ``validation`` (MNLI: ``validation_matched``, or ``validation_mismatched`` with ``mnli_mismatched: true``).
     GLUE's test labels are hidden and the papers report the validation (dev) split, so ``test_dataloader``
-    returns the validation split too; ``predict_dataloader`` returns GLUE's (unlabelled) ``test`` split (MNLI
+    returns the validation split too (``test_split: validation``, the default); data with a labelled ``test``
+    split (the ``rt-sentiment`` and ``bbc-news`` assets) can be tested on it with ``test_split: test``, so that
+    the choices made on validation are not scored on the same examples; ``predict_dataloader`` returns GLUE's (unlabelled) ``test`` split (MNLI
     ``test_matched``/``test_mismatched``; the hub marks its labels -1).
 
     Batches: ``{"input_ids": (B, T) long, "attention_mask": (B, T) long, "token_type_ids": (B, T) long (only if
@@ -55,6 +57,8 @@ class GLUEDataModule(TextDataModule):
         num_workers: DataLoader worker processes.
         seed: seeds the training shuffle.
         mnli_mismatched: for MNLI, validate/test on ``validation_mismatched`` (predict on ``test_mismatched``).
+        test_split: the split ``test`` evaluates: ``validation`` (GLUE's convention) or ``test`` (needs labels
+            in the data's test split; an unlabelled one is refused when it is loaded).
         cache_dir: ``datasets`` cache folder; null: its default.
     """
 
@@ -68,6 +72,7 @@ class GLUEDataModule(TextDataModule):
         num_workers: int = 0,
         seed: int = 42,
         mnli_mismatched: bool = False,
+        test_split: Literal["validation", "test"] = "validation",
         cache_dir: str | None = None,
     ) -> None:
         super().__init__(tokenizer=tokenizer, num_workers=num_workers, seed=seed, cache_dir=cache_dir)
@@ -77,13 +82,17 @@ class GLUEDataModule(TextDataModule):
         _check_int("batch_size", batch_size)
         if mnli_mismatched and task != "mnli":
             raise ValueError(f"mnli_mismatched applies to task mnli only, not {task!r}")
+        if test_split not in ("validation", "test"):
+            raise _unknown("test_split", test_split, ["validation", "test"])
         self.save_hyperparameters()
         self.task = task
         self.data = data
         self.max_length = int(max_length) if max_length is not None else SEQUENCE_TASKS[task].max_length
         self.batch_size = batch_size
         self.mnli_mismatched = bool(mnli_mismatched)
+        self.test_split = test_split
         self.train_set: GLUEDataset | None = None
+        self.test_set: GLUEDataset | None = None
         self.val_set: GLUEDataset | None = None
         self.predict_set: GLUEDataset | None = None
 
@@ -202,8 +211,14 @@ class GLUEDataModule(TextDataModule):
         train, val, test = self._setup_stages(stage)
         if train and self.train_set is None:
             self.train_set = self._build("train")
-        if (val or stage in (None, "test")) and self.val_set is None:
+        if (val or (stage in (None, "test") and self.test_split == "validation")) and self.val_set is None:
             self.val_set = self._build("validation")
+        if stage in (None, "test") and self.test_split == "test" and self.test_set is None:
+            self.test_set = self._build("test")
+            if self.test_set.labels is None or any(label < 0 for label in self.test_set.labels):
+                raise ValueError(f"test_split: test, but the GLUE {self.task} test split of {self.data!r} is "
+                                 f"unlabelled (labels -1, as GLUE's hidden test labels); use test_split: "
+                                 f"validation or data whose test split has labels")
         if stage in (None, "predict") and self.predict_set is None:
             self.predict_set = self._build("test")
 
@@ -219,7 +234,10 @@ class GLUEDataModule(TextDataModule):
         return self._loader(self.val_set, "validation set", self.batch_size, self._collate())
 
     def test_dataloader(self) -> DataLoader:
-        """The validation split again: what the papers report (GLUE's test labels are hidden)."""
+        """The validation split again (what the papers report: GLUE's test labels are hidden), or the labelled
+        test split with ``test_split: test``."""
+        if self.test_split == "test":
+            return self._loader(self.test_set, "test set", self.batch_size, self._collate())
         return self._loader(self.val_set, "validation set", self.batch_size, self._collate())
 
     def predict_dataloader(self) -> DataLoader:

@@ -60,3 +60,33 @@ def test_boft_too_many_factors():
 def test_boft_bad_arguments(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         BOFT(**kwargs)
+
+
+@pytest.mark.parametrize("zero_scale", [False, True])
+def test_scaled_frozen_linear_gradients_equal_plain_autograd(zero_scale):
+    """BOFT's output-saving scale (``y`` kept instead of ``x Wᵀ``) gives plain autograd's gradients, also with
+    an exact 0 in ``s`` (where it falls back to plain autograd) and under bf16 autocast."""
+    from lit_peft.adapters.boft import _ScaledFrozenLinear, scaled_frozen_linear
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(7, 12, dtype=torch.float64, generator=gen)
+    scale = (1 + 0.3 * torch.randn(7, dtype=torch.float64, generator=gen))
+    if zero_scale:
+        scale[2] = 0.0
+    scale.requires_grad_(True)
+    g = torch.randn(3, 5, 7, dtype=torch.float64, generator=gen)
+    out = scaled_frozen_linear(x, weight, scale)
+    assert (out.grad_fn.name() == "_ScaledFrozenLinearBackward") != zero_scale
+    got = torch.autograd.grad(out, (x, scale), g)
+    want = torch.autograd.grad(torch.nn.functional.linear(x, weight) * scale, (x, scale), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if not zero_scale:
+        xf, sf = x.detach().float().requires_grad_(True), scale.detach().float().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = _ScaledFrozenLinear.apply(xf, weight.float(), sf)
+        assert y.dtype == torch.bfloat16
+        gx, gs = torch.autograd.grad(y.float(), (xf, sf), g.float())
+        assert gx.dtype == torch.float32 and gs.dtype == torch.float32
+        torch.testing.assert_close(gs, want[1].float(), rtol=3e-2, atol=3e-2)

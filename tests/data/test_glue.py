@@ -175,3 +175,23 @@ def test_glue_tokenizer_from_connect(glue_root, tok_dir, tok):
     assert model.data == DataInfo("GLUEDataModule", task="stsb", num_classes=1, metric="pearson")
     dm.setup("validate")
     assert dm.tokenizer.get_vocab() == tok.get_vocab() and len(dm.val_set) == 2
+
+
+def test_glue_test_split(glue_root, tok_dir):
+    """``test_split: test`` scores a labelled test split (the assets' RT and BBC data) instead of validation; an
+    unlabelled test split is refused at setup, naming the option."""
+    rows = [{"sentence": "Good.", "label": 1}, {"sentence": "Bad.", "label": 0}, {"sentence": "Fine.", "label": 1}]
+    write_jsonl(glue_root / "sst2" / "train.jsonl", rows)
+    write_jsonl(glue_root / "sst2" / "validation.jsonl", rows[:1])
+    write_jsonl(glue_root / "sst2" / "test.jsonl", rows)
+    dm = glue_dm(glue_root, tok_dir, task="sst2", batch_size=8)
+    dm.setup("test")
+    assert next(iter(dm.test_dataloader()))["labels"].tolist() == [1]          # GLUE convention: validation
+    dm = glue_dm(glue_root, tok_dir, task="sst2", batch_size=8, test_split="test")
+    dm.setup("test")
+    assert dm.val_set is None
+    assert next(iter(dm.test_dataloader()))["labels"].tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match=r"test_split: test, but the GLUE cola test split .* is unlabelled"):
+        glue_dm(glue_root, tok_dir, task="cola", test_split="test").setup("test")
+    with pytest.raises(ValueError, match="test_split"):
+        glue_dm(glue_root, tok_dir, task="cola", test_split="dev")
