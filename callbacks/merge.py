@@ -21,8 +21,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_peft.adapters import find_strategy, merged_state_dict
+from lit_peft.adapters import adapted_layers, find_strategy, merged_state_dict
 from lit_peft.adapters.io import adapter_config, adapter_state_dict, write_adapter
+from lit_peft.files import atomic_write_folder
 
 
 class MergeCheckError(RuntimeError):
@@ -62,16 +63,22 @@ class MergeAdapters(L.Callback):
         weights: ``"final"`` merges the weights at the end of fit (the BOFT VTAB protocol); ``"best"`` first loads
             the best checkpoint of the trainer's ``ModelCheckpoint`` into the module (the SVFT few-shot protocol
             reports the best-validation checkpoint), so the module then holds those weights.
+        allow_nonfinite: write adapters holding NaN or infinite values (a diverged run) instead of refusing, with or
+            without ``check``.
+
+    The output folder is written as a whole: everything goes into a temporary folder beside it, which then
+    replaces it, so an interrupted merge never leaves a new model beside a previous run's ``adapter/``.
     """
 
     def __init__(self, output_dir: str | None = None, tolerance: float = 1e-4, check: bool = True,
-                 weights: Literal["final", "best"] = "final"):
+                 weights: Literal["final", "best"] = "final", allow_nonfinite: bool = False):
         if weights not in ("final", "best"):
             raise ValueError(f"weights must be 'final' or 'best', got {weights!r}")
         self.output_dir = output_dir
         self.tolerance = tolerance
         self.check = check
         self.weights = weights
+        self.allow_nonfinite = allow_nonfinite
         self.last_difference: float | None = None
         self.written: Path | None = None
 
@@ -89,6 +96,8 @@ class MergeAdapters(L.Callback):
         folder = self.resolve_dir(trainer)
         if self.weights == "best":
             self._load_best(trainer, pl_module)
+        if not self.allow_nonfinite:
+            self._refuse_nonfinite(trainer, pl_module, folder)
         # Collectives first, on every rank: gathering FSDP2-sharded tensors and the sharded forward of the check.
         # Rank 0 alone keeps the merged state (on the CPU); the others get {} (see merged_state_dict).
         with pl_module.full_weights() as keep:  # FSDP1 gathers its flat shards here, FSDP2's DTensors themselves
@@ -101,16 +110,32 @@ class MergeAdapters(L.Callback):
             plain.to(pl_module.device).eval()
             if adapted is not None:
                 self._compare(folder, pl_module, plain, batch, adapted)
-            folder.mkdir(parents=True, exist_ok=True)
-            pl_module.save_merged_model(plain, folder)
-            write_adapter(folder / "adapter", *adapter_files)
-            # from the gathered adapter tensors: no collective on rank 0 alone
-            pl_module.export_extra(folder, adapter_files[1])
+
+            def write(tmp: Path) -> None:
+                pl_module.save_merged_model(plain, tmp)
+                write_adapter(tmp / "adapter", *adapter_files, allow_nonfinite=self.allow_nonfinite)
+                # from the gathered adapter tensors: no collective on rank 0 alone
+                pl_module.export_extra(tmp, adapter_files[1])
+
+            atomic_write_folder(folder, write)
             self.written = folder
             rank_zero_info(f"MergeAdapters: merged model and adapter ({strategy!r}) written to "
                            f"{folder}" + ("" if self.last_difference is None else
                                           f"; merged vs adapted relative difference {self.last_difference:.2e}"))
         trainer.strategy.barrier("merge_adapters")
+
+    @staticmethod
+    def _refuse_nonfinite(trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> None:
+        """Every rank looks at its own (local, possibly sharded) adapter tensors; the ranks decide together."""
+        bad = [f"{name}.adapters.{key}" for name, layer in adapted_layers(pl_module.model).items()
+               for key, t in layer.adapters.state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(getattr(t, "_local_tensor", t)).all())]
+        refuse = trainer.strategy.reduce_boolean_decision(bool(bad), all=False) if trainer.world_size > 1 else bool(bad)
+        if refuse:
+            raise ValueError(f"MergeAdapters: refusing to merge: adapter tensors hold NaN or infinite values"
+                             + (f" ({', '.join(bad[:5])})" if bad else " on another rank")
+                             + f", i.e. the training diverged; nothing written to {folder}. Set "
+                             f"allow_nonfinite: true on the callback to write them anyway")
 
     @staticmethod
     def _load_best(trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -8,6 +8,7 @@ Exact Cayley blocks are orthogonal to rounding error; the check catches the Neum
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Literal
 
 import lightning as L
@@ -21,7 +22,11 @@ class OrthogonalityError(RuntimeError):
 
 
 class OrthogonalityCheck(L.Callback):
-    """Every ``every_n_steps`` optimiser steps, log ``orthogonality_error`` and act if it exceeds ``tolerance``.
+    """Every ``every_n_steps`` optimiser steps, log ``orthogonality_error`` and act if it exceeds ``tolerance`` or
+    is not finite (NaN blocks are a violation, not a pass).
+
+    Checks once per optimiser step (not per micro-batch under gradient accumulation). With several processes the
+    ranks decide together, as ``EarlyStopping`` does: ``stop`` stops every rank or none.
 
     Args:
         every_n_steps: check period in optimiser steps.
@@ -40,8 +45,10 @@ class OrthogonalityCheck(L.Callback):
         self.action = action
         self.active = True
         self.last_error: float | None = None
+        self._last_checked_step: int | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_checked_step = trainer.global_step  # checks follow optimiser steps (also after a resume)
         if not any(isinstance(m, BOFTLinear) for m in adapted_layers(pl_module).values()):
             self.active = False
             adapter = type(getattr(pl_module, "adapter", None)).__name__
@@ -52,8 +59,12 @@ class OrthogonalityCheck(L.Callback):
             error = orthogonality_error(pl_module)
         self.last_error = error
         pl_module.log("orthogonality_error", error, on_step=True, on_epoch=False)
-        if error > self.tolerance:
-            message = (f"OrthogonalityCheck: max ‖QᵀQ − I‖ = {error:.3e} exceeds tolerance {self.tolerance:.1e} "
+        violated = not math.isfinite(error) or error > self.tolerance
+        if trainer.world_size > 1:  # the same decision on every rank (a collective: every rank checks alike)
+            violated = trainer.strategy.reduce_boolean_decision(violated, all=False)
+        if violated:
+            what = f"{error:.3e} exceeds tolerance" if math.isfinite(error) else f"{error} (not finite) violates tolerance"
+            message = (f"OrthogonalityCheck: max ‖QᵀQ − I‖ = {what} {self.tolerance:.1e} "
                        f"at step {trainer.global_step}")
             if self.action == "raise":
                 raise OrthogonalityError(message)
@@ -63,5 +74,7 @@ class OrthogonalityCheck(L.Callback):
         return error
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.active and trainer.global_step % self.every_n_steps == 0:
+        step = trainer.global_step
+        if self.active and step % self.every_n_steps == 0 and step != self._last_checked_step:
+            self._last_checked_step = step
             self.check(trainer, pl_module)

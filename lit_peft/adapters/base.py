@@ -34,6 +34,7 @@ pair) is built by ``apply`` and lives in the layers. ``apply`` records the strat
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -254,24 +255,39 @@ class AdapterStrategy:
         self.check_arguments(choices={"fused_qkv": FUSED_QKV_MODES})
 
     def check_arguments(self, *, integers: Mapping[str, int] | None = None, fractions: Sequence[str] = (),
+                        positives: Sequence[str] = (), finites: Sequence[str] = (),
                         choices: Mapping[str, Sequence] | None = None, problems: Sequence[str] = ()) -> None:
-        """Raise one ``ValueError`` naming every invalid constructor argument, each read from its attribute.
+        """Raise one ``ValueError`` naming every invalid constructor argument, each read from its attribute
+        (a number given as a string, e.g. ``"16"`` from Python, is named too, never a bare ``TypeError`` later).
 
         Args:
             integers: ``{name: minimum}``: an integer at least ``minimum``.
             fractions: names of probabilities in ``[0, 1)`` (dropouts).
+            positives: names of finite real numbers > 0 (scales such as LoRA's ``alpha``).
+            finites: names of finite real numbers (initial values).
             choices: ``{name: valid values}``.
             problems: messages of the subclass's own checks (arguments that constrain each other).
         """
         found = []
+        def real(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
         for name, minimum in (integers or {}).items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value < minimum:
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 found.append(f"{name} must be an integer >= {minimum}, got {value!r}")
         for name in fractions:
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+            if not (real(value) and 0.0 <= value < 1.0):
                 found.append(f"{name} must be in [0, 1), got {value!r}")
+        for name in positives:
+            value = getattr(self, name)
+            if not (real(value) and value > 0):
+                found.append(f"{name} must be a finite number > 0, got {value!r}")
+        for name in finites:
+            value = getattr(self, name)
+            if not real(value):
+                found.append(f"{name} must be a finite number, got {value!r}")
         for name, valid in (choices or {}).items():
             value = getattr(self, name)
             if value not in valid:

@@ -400,7 +400,8 @@ class OFT(BOFT):
 
 @torch.no_grad()
 def orthogonality_error(model: nn.Module) -> float | None:
-    """``max ‖QᵀQ − I‖_F`` over every BOFT/OFT block of ``model``; ``None`` if it has none."""
+    """``max ‖QᵀQ − I‖_F`` over every BOFT/OFT block of ``model``; ``None`` if it has none, NaN if any block is
+    not finite (so a check ``error > tolerance`` must also test ``math.isfinite``)."""
     worst = None
     for layer in adapted_layers(model).values():
         if isinstance(layer, BOFTLinear):
@@ -408,6 +409,8 @@ def orthogonality_error(model: nn.Module) -> float | None:
                 Q = layer.orthogonal_blocks(part)
                 eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
                 err = torch.linalg.matrix_norm(Q.transpose(-1, -2) @ Q - eye).max().item()
+                if err != err:  # NaN anywhere: the answer, whatever the other blocks hold
+                    return float("nan")
                 worst = err if worst is None else max(worst, err)
     return worst
 

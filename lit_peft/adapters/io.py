@@ -9,11 +9,17 @@ An adapter folder holds two files:
   adapted layer, so ``load_adapter`` can rebuild the same adapters on a fresh base model and refuse a base model
   whose shapes differ before doing any work.
 
-Both are written to a temporary name and renamed into place (:func:`lit_peft.files.atomic_write`).
+Both are written to a temporary name and renamed into place (:func:`lit_peft.files.atomic_write`), the tensors
+first and the config last: the config is the folder's manifest. A SHA-256 digest of the tensors (names, dtypes,
+shapes, bytes) is stored in both files and checked on load, so flipped bits in the tensor data, or tensors left
+beside another save's config by an interrupted save, are refused rather than loaded (folders of format version 1,
+which have no digest, load unchecked). Tensors holding NaN or infinite values are refused when saving and
+merging unless ``allow_nonfinite=True``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -36,7 +42,7 @@ if TYPE_CHECKING:
     from .svft import SVDProvider
 
 FORMAT = "lit_peft.adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensors_sha256 in the config and sha256 in the tensors file's metadata
 TENSORS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
@@ -66,20 +72,51 @@ def adapter_config(model: nn.Module) -> dict:
             "parameter_count": count_parameters(model)["adapter"]}
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 (hex) over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def nonfinite_tensors(tensors: Mapping[str, Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _refuse_nonfinite(tensors: Mapping[str, Tensor], what: str) -> None:
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise ValueError(f"refusing to {what}: {len(bad)} adapter tensor(s) hold NaN or infinite values "
+                         f"({', '.join(bad[:5])}{', …' if len(bad) > 5 else ''}), i.e. the training diverged; "
+                         f"pass allow_nonfinite=True to do it anyway")
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, allow_nonfinite: bool = False) -> Path:
     """Write ``adapter.safetensors`` and ``adapter_config.json`` into the folder ``path``; returns the folder.
 
-    With FSDP2-sharded parameters, gathering them is a collective: every rank must call this (or call
-    :func:`adapter_state_dict` and :func:`adapter_config` on every rank and :func:`write_adapter` on one)."""
-    return write_adapter(path, adapter_config(model), adapter_state_dict(model))
+    Refuses tensors holding NaN or infinities unless ``allow_nonfinite``. With FSDP2-sharded parameters,
+    gathering them is a collective: every rank must call this (or call :func:`adapter_state_dict` and
+    :func:`adapter_config` on every rank and :func:`write_adapter` on one)."""
+    return write_adapter(path, adapter_config(model), adapter_state_dict(model), allow_nonfinite=allow_nonfinite)
 
 
-def write_adapter(path: str | os.PathLike, config: dict, tensors: Mapping[str, Tensor]) -> Path:
-    """Write an adapter folder from an :func:`adapter_config` and an :func:`adapter_state_dict` (no collectives)."""
+def write_adapter(path: str | os.PathLike, config: dict, tensors: Mapping[str, Tensor], *,
+                  allow_nonfinite: bool = False) -> Path:
+    """Write an adapter folder from an :func:`adapter_config` and an :func:`adapter_state_dict` (no collectives):
+    the tensors, then the config (the manifest), both carrying the tensors' :func:`tensor_digest`."""
     folder = Path(path)
     tensors = {k: v.cpu() for k, v in tensors.items()}
+    if not allow_nonfinite:
+        _refuse_nonfinite(tensors, f"write the adapter {folder}")
+    digest = tensor_digest(tensors)
+    config = {**config, "format_version": FORMAT_VERSION, "tensors_sha256": digest}
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / TENSORS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
+    atomic_write(folder / TENSORS_FILE,
+                 lambda p: save_file(tensors, str(p), metadata={"format": FORMAT, "sha256": digest}))
     atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return folder
 
@@ -120,14 +157,29 @@ def strategy_from_config(config: Mapping) -> AdapterStrategy:
     return cls(**config["init_args"])
 
 
-def _read_tensors(file: Path) -> dict[str, Tensor]:
+def _read_tensors(file: Path, expected_digest: str | None = None) -> dict[str, Tensor]:
+    """The tensors of ``file``, verified against the digest in its metadata (bit flips) and ``expected_digest``
+    (the config's: tensors and config written by the same save)."""
     try:
         with safe_open(str(file), framework="pt") as f:
-            if (f.metadata() or {}).get("format") != FORMAT:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT:
                 raise ValueError(f"{file} was not written by lit_peft.save_adapter (no format metadata)")
-            return {key: f.get_tensor(key) for key in f.keys()}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{file} is not a readable safetensors file ({err}); the adapter folder is corrupt") from err
+    stored = metadata.get("sha256")
+    if stored is not None or expected_digest is not None:
+        actual = tensor_digest(tensors)
+        if stored is not None and actual != stored:
+            raise ValueError(f"{file}: the tensor data does not match the checksum written with it (sha256 "
+                             f"{actual[:12]}… ≠ {stored[:12]}…): the file was damaged after it was saved; "
+                             f"restore it from a copy or save the adapter again")
+        if expected_digest is not None and actual != expected_digest:
+            raise ValueError(f"{file} does not belong to the {CONFIG_FILE} beside it (tensors sha256 "
+                             f"{actual[:12]}…, the config expects {expected_digest[:12]}…): they come from different "
+                             f"saves, e.g. an interrupted one; save the adapter again")
+    return tensors
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *,
@@ -142,7 +194,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *,
     folder = Path(path)
     config = read_adapter_config(folder)
     strategy = strategy_from_config(config)
-    tensors = _read_tensors(folder / TENSORS_FILE)
+    tensors = _read_tensors(folder / TENSORS_FILE, config.get("tensors_sha256"))
 
     modules = dict(model.named_modules())
     problems = []
@@ -248,10 +300,16 @@ def merged_state_dict(model: nn.Module, *, keep: bool = True) -> dict[str, Tenso
     return merged
 
 
-def merge_adapters(model: nn.Module) -> nn.Module:
+def merge_adapters(model: nn.Module, *, allow_nonfinite: bool = False) -> nn.Module:
     """Fold every adapter into its layer: each adapted layer becomes a plain ``nn.Linear`` with the same output
-    (in eval mode). In place, returns ``model``; a model without adapters is returned unchanged."""
-    for name, layer in adapted_layers(model).items():
+    (in eval mode). In place, returns ``model``; a model without adapters is returned unchanged. Adapters holding
+    NaN or infinite values are refused (before anything changes) unless ``allow_nonfinite``."""
+    layers = adapted_layers(model)
+    if not allow_nonfinite:
+        _refuse_nonfinite({f"{name}.adapters.{key}": full_tensor(t.detach())
+                           for name, layer in layers.items() for key, t in layer.adapters.state_dict().items()},
+                          "merge the adapters")
+    for name, layer in layers.items():
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, layer.merged_linear())
@@ -260,4 +318,4 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["save_adapter", "write_adapter", "load_adapter", "merge_adapters", "merged_state_dict", "adapter_state_dict",
-           "adapter_config", "read_adapter_config"]
+           "adapter_config", "read_adapter_config", "tensor_digest", "nonfinite_tensors"]

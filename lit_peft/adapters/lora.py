@@ -5,7 +5,9 @@ baselines both papers compare against.
            y  = x Wᵀ + b + (α/r) · drop(x) Aᵀ Bᵀ
 
     DoRA:  W' = m ⊙ (W + (α/r) B A) / ‖W + (α/r) B A‖_row          m: (out,), init ‖W‖_row
-           y  = (m / n) ⊙ (x Wᵀ + (α/r) · drop(x) Aᵀ Bᵀ) + b        n = ‖W + (α/r) B A‖_row, detached
+           y  = (m / n) ⊙ (x Wᵀ + (α/r) · x Aᵀ Bᵀ) + b              n = ‖W + (α/r) B A‖_row, detached
+           with dropout (training, p > 0), as peft and the DoRA authors' code, one mask d = drop(x) for both paths:
+           y  = x Wᵀ + b + (m/n − 1) ⊙ d Wᵀ + (m/n) ⊙ (α/r) · d Aᵀ Bᵀ
 
 ``‖·‖_row`` is the norm of each output row of the ``(out, in)`` weight (DoRA's "column norm" of ``Wᵀ``); as in the
 DoRA paper §4.3 it is detached from the graph, so it acts as a constant in the backward pass.
@@ -58,9 +60,10 @@ class LoRALinear(AdaptedLinear):
         adapter = self.adapters[part]
         return self.scaling * (adapter_tensor(adapter.lora_B, like) @ adapter_tensor(adapter.lora_A, like))
 
-    def low_rank_output(self, part: str, x: Tensor) -> Tensor:
+    def low_rank_output(self, part: str, x: Tensor, dropped: bool = False) -> Tensor:
+        """``(α/r) · drop(x) Aᵀ Bᵀ``; ``dropped``: ``x`` has had its dropout already."""
         adapter = self.adapters[part]
-        h = F.linear(self.dropout(x), adapter.lora_A.to(x.dtype))
+        h = F.linear(x if dropped else self.dropout(x), adapter.lora_A.to(x.dtype))
         return F.linear(h * self.scaling, adapter.lora_B.to(x.dtype))  # scale the rank-r intermediate, not (T, out)
 
     def adapted_rows(self, part, weight, bias, *, training):
@@ -95,6 +98,12 @@ class DoRALinear(LoRALinear):
 
     def part_output(self, part, x, weight, bias):
         scale = self._norm_scale(part, weight).to(x.dtype)
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            # peft / the DoRA authors: the magnitude's correction of the base path sees the dropped input too
+            dropped = self.dropout(x)
+            y = (F.linear(x, weight, bias) + (scale - 1) * F.linear(dropped, weight)
+                 + scale * self.low_rank_output(part, dropped, dropped=True))
+            return y
         y = scale * (F.linear(x, weight) + self.low_rank_output(part, x))
         return y if bias is None else y + bias
 
@@ -118,7 +127,7 @@ class LoRA(AdapterStrategy):
         self.rank = rank
         self.alpha = alpha
         self.dropout = dropout
-        self.check_arguments(integers={"rank": 1}, fractions=["dropout"])
+        self.check_arguments(integers={"rank": 1}, fractions=["dropout"], positives=["alpha"])
 
     def make_layer(self, name, linear, parts, shared=None):
         return self.layer_class(linear, parts, self.rank, self.alpha, self.dropout)

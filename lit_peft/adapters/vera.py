@@ -102,7 +102,7 @@ class VeRA(AdapterStrategy):
         self.d_init = d_init
         self.dropout = dropout
         self.seed = seed
-        self.check_arguments(integers={"rank": 1}, fractions=["dropout"])
+        self.check_arguments(integers={"rank": 1, "seed": 0}, fractions=["dropout"], finites=["d_init"])
 
     def prepare(self, model, targets, *, svd_provider=None):
         """The random pair every layer of ``model`` shares, drawn at the largest target widths."""

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ..adapters import AdapterStrategy, count_parameters
@@ -49,6 +49,10 @@ class AdaptedModule(AdapterCheckpointMixin, ShardedModuleMixin):
             the optimiser state in CPU memory (``fully_shard(offload_policy=CPUOffloadPolicy())``; the optimiser
             step runs on the CPU): least GPU memory, slowest. On a CPU-only run the parameters already live there,
             so it changes nothing.
+        skip_nonfinite: a training loss that is NaN or infinite stops the run with an error naming the step (0,
+            the default), before its backward pass, so no non-finite value reaches the weights or a checkpoint;
+            ``N > 0`` instead skips up to ``N`` such steps in the run (no backward, no optimiser step, a warning
+            each) and stops at the next one. With several processes the ranks decide together.
 
     Both ``fsdp_*`` options are ignored under DDP and on one device. Lightning's ``FSDPStrategy`` (FSDP1, GPU only)
     has its own knobs (``trainer.strategy.init_args.cpu_offload`` and ``sharding_strategy: SHARD_GRAD_OP`` for no
@@ -59,8 +63,11 @@ class AdaptedModule(AdapterCheckpointMixin, ShardedModuleMixin):
     def __init__(self, adapter: AdapterStrategy | None = None, optimizer: OptimizerFactory = torch.optim.AdamW,
                  head_lr: float | None = None, head_weight_decay: float | None = None,
                  lr_schedule: str = "cosine", warmup_ratio: float = 0.1, warmup_steps: int | None = None,
-                 fsdp_reshard_after_forward: bool = True, fsdp_cpu_offload: bool = False):
+                 fsdp_reshard_after_forward: bool = True, fsdp_cpu_offload: bool = False, skip_nonfinite: int = 0):
         super().__init__()
+        if isinstance(skip_nonfinite, bool) or not isinstance(skip_nonfinite, int) or skip_nonfinite < 0:
+            raise ValueError(f"skip_nonfinite must be an integer >= 0 (0: stop at the first non-finite loss), "
+                             f"got {skip_nonfinite!r}")
         if lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {lr_schedule!r}")
         if not 0.0 <= warmup_ratio < 1.0:
@@ -74,6 +81,8 @@ class AdaptedModule(AdapterCheckpointMixin, ShardedModuleMixin):
         self.warmup_steps = warmup_steps
         self.fsdp_reshard_after_forward = fsdp_reshard_after_forward
         self.fsdp_cpu_offload = fsdp_cpu_offload
+        self.skip_nonfinite = skip_nonfinite
+        self._nonfinite_skipped = 0
         # Checkpoints hold the trainable tensors only (see state_dict), so loading one is never strict.
         self.strict_loading = False
         self._adapted = False
@@ -157,6 +166,33 @@ class AdaptedModule(AdapterCheckpointMixin, ShardedModuleMixin):
                        f"{100 * counts['trainable'] / max(1, counts['total']):.3f}%")
 
     # -- optimisation --------------------------------------------------------------------------------------------
+    def checked_loss(self, loss: torch.Tensor, batch_idx: int) -> torch.Tensor | None:
+        """What ``training_step`` returns: ``loss`` if it is finite; otherwise ``None`` (Lightning skips the step)
+        while ``skip_nonfinite`` allows, else a ``FloatingPointError`` naming the step."""
+        bad = ~torch.isfinite(loss.detach())
+        trainer = trainer_of(self)
+        if trainer is not None and trainer.world_size > 1:
+            bad = trainer.strategy.reduce(bad.to(torch.float32), reduce_op="sum") > 0  # all ranks skip or none
+        if not bool(bad):
+            return loss
+        where = f"optimiser step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        value = loss.detach().float().item()
+        if self._nonfinite_skipped < self.skip_nonfinite:
+            self._nonfinite_skipped += 1
+            rank_zero_warn(f"lit_peft: train_loss is {value} at {where}: step skipped "
+                           f"({self._nonfinite_skipped} of at most {self.skip_nonfinite}, model.init_args."
+                           f"skip_nonfinite)")
+            return None
+        lrs = sorted({f"{g.get('initial_lr', g['lr']):g}" for g in trainer.optimizers[0].param_groups}) \
+            if trainer is not None and trainer.optimizers else []
+        skipped = f" after skipping {self._nonfinite_skipped} such step(s)" if self._nonfinite_skipped else ""
+        raise FloatingPointError(
+            f"train_loss is {value} at {where}{skipped}: the run diverged (or the batch holds non-finite inputs); "
+            f"stopped before its backward pass, so no non-finite value reached the weights or a checkpoint. Lower "
+            f"the learning rate (model.init_args.optimizer.init_args.lr" + (f": {', '.join(lrs)}" if lrs else "")
+            + "), lengthen the warm-up, or set model.init_args.skip_nonfinite: N to skip up to N such steps with a "
+            "warning")
+
     def parameter_groups(self) -> list[dict]:
         heads = tuple(f"model.{h}." for h in self.head_names())
         adapter, head = [], []

@@ -130,7 +130,7 @@ class CausalLMModule(HFAdaptedModule):
         loss = self._global_token_mean(self._loss(batch), batch["labels"])
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False,
                  batch_size=batch["input_ids"].shape[0], sync_dist=True)
-        return loss
+        return self.checked_loss(loss, batch_idx)
 
     def _global_token_mean(self, loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """With several processes, rescale this rank's token-mean loss so that the gradient averaged over ranks

@@ -158,7 +158,7 @@ class SequenceClassifierModule(HFAdaptedModule):
         out = self.model(**self._inputs(batch), labels=self._labels(batch))
         self.log("train_loss", out.loss, prog_bar=True, on_step=True, on_epoch=False,
                  batch_size=batch["input_ids"].shape[0], sync_dist=True)
-        return out.loss
+        return self.checked_loss(out.loss, batch_idx)
 
     def _evaluate(self, batch, stage: str) -> None:
         labels = self._labels(batch)

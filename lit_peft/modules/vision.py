@@ -122,7 +122,7 @@ class ViTClassifier(AdaptedModule):
         images, labels = batch
         loss = F.cross_entropy(self(images), labels)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=True)
-        return loss
+        return self.checked_loss(loss, batch_idx)
 
     def validation_step(self, batch, batch_idx):
         images, labels = batch

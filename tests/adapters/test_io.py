@@ -304,12 +304,54 @@ def test_load_missing_folder(tmp_path):
 
 
 def _rewrite_tensors(folder, edit):
+    """Replace the folder's tensors by ``edit``ed ones as a consistent save would (digests updated in both files),
+    so that the checks after the checksum's are what a test reaches."""
     from safetensors.torch import load_file
     file = folder / TENSORS_FILE
     tensors = load_file(str(file))
     edit(tensors)
-    save_file(tensors, str(file), metadata={"format": "lit_peft.adapter"})
+    digest = adapter_io.tensor_digest(tensors)
+    save_file(tensors, str(file), metadata={"format": "lit_peft.adapter", "sha256": digest})
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    (folder / CONFIG_FILE).write_text(json.dumps({**config, "tensors_sha256": digest}))
     return file
+
+
+def test_bit_flip_in_tensor_data_is_refused(lora_folder):
+    """A flipped bit in the tensor bytes (the safetensors header intact) loads silently without a checksum: refused."""
+    file = lora_folder / TENSORS_FILE
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0x40  # inside the last tensor's data
+    file.write_bytes(bytes(data))
+    message = _expect_load_error(lora_folder, "does not match the checksum written with it")
+    assert str(file) in message and "damaged" in message
+
+
+def test_tensors_of_another_save_beside_the_config_are_refused(lora_folder, tmp_path):
+    """A save interrupted between its two files leaves new tensors beside the old config (whose init_args, e.g.
+    alpha, no longer match): the config's digest names the tensors it belongs to."""
+    other = LoRA(rank=2).apply(make_vit(0))
+    randomize(other, seed=9)
+    save_adapter(other, tmp_path / "other")
+    (lora_folder / TENSORS_FILE).write_bytes((tmp_path / "other" / TENSORS_FILE).read_bytes())
+    _expect_load_error(lora_folder, "does not belong to the adapter_config.json beside it")
+
+
+def test_nonfinite_tensors_are_refused_when_saving_and_merging(tmp_path, images):
+    model = LoRA(rank=2).apply(make_vit(0))
+    randomize(model, seed=3)
+    with torch.no_grad():
+        model.blocks[1].mlp.fc2.adapters["all"].lora_B[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"refusing to write the adapter .*: 1 adapter tensor\(s\) hold NaN or "
+                                         r"infinite values \(blocks\.1\.mlp\.fc2\.adapters\.all\.lora_B\).*"
+                                         r"allow_nonfinite=True"):
+        save_adapter(model, tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()
+    with pytest.raises(ValueError, match=r"refusing to merge the adapters: .*lora_B"):
+        merge_adapters(model)
+    assert adapted_layers(model), "a refused merge must leave the adapters in place"
+    save_adapter(model, tmp_path / "nan", allow_nonfinite=True)
+    assert not torch.isfinite(merge_adapters(model, allow_nonfinite=True)(images)).all()
 
 
 def test_load_tensor_with_wrong_shape(lora_folder):

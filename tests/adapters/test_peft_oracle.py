@@ -434,3 +434,29 @@ def test_boft_float64_model_keeps_float64_precision(peft_boft_without_cuda):
     x = torch.randn(3, 7, 32, dtype=torch.float64)
     assert_same(lit_model(x), peft_model(x), torch.float64, "BOFT on a float64 model")
     assert all(d == torch.float64 for d in dtypes.values()), f"adapter dtypes on a float64 model: {dtypes}"
+
+
+def test_dora_dropout_matches_peft_with_a_shared_mask():
+    """DoRA in training mode with dropout > 0 (peft and the DoRA authors drop the input of the magnitude's base-path
+    correction too): the same function and gradients as peft's when both draw the same dropout masks."""
+    method = Method(
+        lambda t: peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, use_dora=True, target_modules=t),
+        lambda t: DoRA(rank=4, alpha=8, dropout=0.3, target_modules=t, fused_qkv="joint"), copy_dora, grads_dora)
+    _, peft_model, lit_model, x = build_pair(method, "mlp")
+    peft_model.train()
+    lit_model.train()
+    weights = torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    torch.manual_seed(11)
+    expected = peft_model(x)
+    torch.manual_seed(11)
+    actual = lit_model(x)
+    assert_same(actual, expected, torch.float64, "DoRA dropout 0.3 forward")
+    with torch.no_grad():
+        assert (lit_model.eval()(x) - actual).abs().max() > 1e-3, "dropout should change the training output"
+    lit_model.train()
+    (expected * weights).sum().backward()
+    (actual * weights).sum().backward()
+    inner = peft_model.base_model.model
+    for layer_name, layer in adapted_layers(lit_model).items():
+        for what, ours, theirs in method.grads(inner.get_submodule(layer_name), layer):
+            assert_same(ours, theirs, torch.float64, f"DoRA dropout gradient {layer_name}.{what}")

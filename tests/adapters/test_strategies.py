@@ -102,6 +102,16 @@ def test_parameter_count_formulas(method):
     (lambda: VeRA(rank=-1, dropout=-0.1), ["rank must be an integer >= 1", "dropout must be in [0, 1), got -0.1"]),
     (lambda: OFT(block_size=1), ["invalid OFT arguments", "block_size must be an integer >= 2, got 1"]),
     (lambda: LoRA(fused_qkv="both"), ["fused_qkv must be 'split' or 'joint', got 'both'"]),
+    # arguments that made training a no-op or NaN, or failed later with a bare TypeError
+    (lambda: LoRA(alpha=0.0), ["alpha must be a finite number > 0, got 0.0"]),
+    (lambda: DoRA(alpha=-16), ["invalid DoRA arguments", "alpha must be a finite number > 0, got -16"]),
+    (lambda: LoRA(alpha=float("nan"), rank="8"), ["alpha must be a finite number > 0, got nan",
+                                                  "rank must be an integer >= 1, got '8'"]),
+    (lambda: LoRA(alpha="16", dropout="0.1"), ["alpha must be a finite number > 0, got '16'",
+                                              "dropout must be in [0, 1), got '0.1'"]),
+    (lambda: VeRA(d_init=float("inf"), seed="0"), ["d_init must be a finite number, got inf",
+                                                   "seed must be an integer >= 0, got '0'"]),
+    (lambda: BOFT(block_size=True), ["block_size must be an integer >= 2, got True"]),
 ])
 def test_bad_arguments_name_argument_and_valid_values(make, needles):
     """Every invalid argument is reported at once, by name, with its valid values."""

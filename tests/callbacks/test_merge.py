@@ -156,3 +156,40 @@ def test_merge_adapters_best_without_checkpoint_raises(tmp_path, digits):
     assert not (tmp_path / "merged").exists()
     with pytest.raises(ValueError, match="weights"):
         MergeAdapters(weights="last")
+
+
+class _PoisonAdapters(L.Callback):
+    """Puts a NaN into one adapter tensor when training ends (a diverged run that got past the loss check)."""
+
+    def on_train_end(self, trainer, pl_module):
+        with torch.no_grad():
+            next(iter(adapted_layers(pl_module.model).values())).adapters["q"].skew[0, 0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_merge_adapters_refuses_nonfinite_adapters(tmp_path, digits, check):
+    out = tmp_path / "merged"
+    merge = MergeAdapters(output_dir=str(out), check=check)
+    with pytest.raises(ValueError, match=r"MergeAdapters: refusing to merge: adapter tensors hold NaN or infinite "
+                                         r"values \(blocks\.0\.attn\.qkv\.adapters\.q\.skew\).*allow_nonfinite"):
+        trainer(tmp_path / "root", [_PoisonAdapters(), merge], max_steps=1).fit(
+            make_module(BOFT(block_size=8, n_butterfly_factors=2)), datamodule=digits)
+    assert merge.written is None and not out.exists()
+    merge = MergeAdapters(output_dir=str(out), check=False, allow_nonfinite=True)
+    trainer(tmp_path / "root", [_PoisonAdapters(), merge], max_steps=1).fit(
+        make_module(BOFT(block_size=8, n_butterfly_factors=2)), datamodule=digits)
+    assert merge.written == out and (out / "adapter" / "adapter.safetensors").is_file()
+
+
+def test_merge_adapters_replaces_the_output_folder_as_a_whole(tmp_path, digits):
+    """A previous run's files never survive beside the new ones (a merge writes a temporary folder that replaces
+    the old one); no temporary file is left behind."""
+    out = tmp_path / "merged"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "stale.txt").write_text("from a previous run")
+    (out / "model.safetensors").write_bytes(b"old")
+    trainer(tmp_path / "root", [MergeAdapters(output_dir=str(out))], max_steps=1).fit(
+        make_module(BOFT(block_size=8, n_butterfly_factors=2)), datamodule=digits)
+    assert not (out / "adapter" / "stale.txt").exists()
+    assert (out / "model.safetensors").read_bytes() != b"old"
+    assert no_temp_files(tmp_path) == []

@@ -111,3 +111,32 @@ def test_orthogonality_check_arguments():
         OrthogonalityCheck(every_n_steps=0)
     with pytest.raises(ValueError, match="action"):
         OrthogonalityCheck(action="ignore")
+
+
+def test_orthogonality_check_nan_blocks_are_a_violation(tmp_path, digits, monkeypatch):
+    """``nan > tolerance`` is False: a NaN error must still count as a violation, and ``orthogonality_error``
+    reports NaN whichever block holds it (Python's ``max`` would drop it after a finite value)."""
+    from lit_peft.adapters import orthogonality_error
+
+    module = boft_module()
+    with torch.no_grad():
+        module.model.blocks[1].mlp.fc1.adapters["all"].skew[0, 0, 0] = float("nan")
+    assert orthogonality_error(module) != orthogonality_error(module)   # NaN
+    monkeypatch.setattr("lit_peft.callbacks.orthogonality.orthogonality_error", lambda module: float("nan"))
+    check = OrthogonalityCheck(every_n_steps=1, action="raise")
+    with pytest.raises(OrthogonalityError, match=r"nan \(not finite\) violates tolerance"):
+        trainer(tmp_path, [check], max_steps=3).fit(boft_module(), datamodule=digits)
+
+
+def test_orthogonality_check_once_per_optimiser_step_under_accumulation(tmp_path, digits, monkeypatch):
+    steps = []
+    original = OrthogonalityCheck.check
+
+    def spy(self, trainer, pl_module):
+        steps.append(trainer.global_step)
+        return original(self, trainer, pl_module)
+
+    monkeypatch.setattr(OrthogonalityCheck, "check", spy)
+    run = trainer(tmp_path, [OrthogonalityCheck(every_n_steps=1)], max_steps=3, accumulate_grad_batches=3)
+    run.fit(boft_module(), datamodule=digits)
+    assert steps == [1, 2, 3]
