@@ -23,7 +23,7 @@ from ..callbacks import find_svd_provider
 from ..compat import reset_seed, trainer_of
 from ..distributed.module import ShardedModuleMixin
 from ..handover import DataInfo, ModelInfo, connect_from_trainer
-from .checkpointing import AdapterCheckpointMixin
+from .checkpointing import AdapterCheckpointMixin, use_atomic_checkpoints
 from .schedules import SCHEDULES, warmup_lambda
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
@@ -127,7 +127,9 @@ class AdaptedModule(AdapterCheckpointMixin, ShardedModuleMixin):
         """Take what the data tells (its classes, metric, …); subclasses check and keep what they use."""
 
     def setup(self, stage: str) -> None:
-        connect_from_trainer(trainer_of(self))
+        trainer = trainer_of(self)
+        connect_from_trainer(trainer)
+        use_atomic_checkpoints(trainer)
 
     # -- adapting ------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:

@@ -1,6 +1,7 @@
-"""What every lit_peft module shares (:mod:`lit_peft.modules.base`): a non-finite training loss stops the run
-before its backward pass with an error naming the step (the user's CLI path, a diverging learning rate), or with
-``skip_nonfinite: N`` is skipped, at most ``N`` times."""
+"""What every lit_peft module shares (:mod:`lit_peft.modules.base`, :mod:`lit_peft.modules.checkpointing`): a
+non-finite training loss stops the run before its backward pass with an error naming the step (the user's CLI path,
+a diverging learning rate), or with ``skip_nonfinite: N`` is skipped, at most ``N`` times; checkpoints are written
+atomically, carry a digest checked on resume, and a checkpoint of another adapter is refused."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from helpers.callbacks import IMG_SIZE, NUM_CLASSES, make_module, trainer
 from helpers.cli import cli_env, make_vtab_task, write_config
-from lit_peft.adapters import LoRA
+from lit_peft.adapters import BOFT, LoRA
 
 
 def test_diverging_run_stops_at_the_nonfinite_step_and_saves_nothing(tmp_path):
@@ -53,3 +54,65 @@ def test_skip_nonfinite_skips_at_most_n_steps(tmp_path):
         trainer(tmp_path, [], max_steps=6).fit(module, _loader({1, 3}))
     with pytest.raises(ValueError, match=r"skip_nonfinite must be an integer >= 0"):
         make_module(LoRA(rank=2), skip_nonfinite=-1)
+
+
+# == checkpoint integrity and resume mismatches ====================================================================
+def _fit_with_checkpoint(tmp_path, adapter, **kwargs):
+    import lightning as L
+
+    from helpers.callbacks import make_module
+
+    module = make_module(adapter)
+    run = trainer(tmp_path, [L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+                  max_steps=2, enable_checkpointing=True, **kwargs)
+    run.fit(module, _loader(set()))
+    return module, run, tmp_path / "ckpt" / "last.ckpt"
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    """A write that fails half-way (a full disk) leaves neither a truncated file under the final name nor a
+    temporary one; the strategy's I/O is lit_peft's AtomicCheckpointIO."""
+    import lightning.fabric.plugins.io.torch_io as torch_io
+
+    from lit_peft.modules.checkpointing import AtomicCheckpointIO
+
+    module, run, last = _fit_with_checkpoint(tmp_path, LoRA(rank=2))
+    assert isinstance(run.strategy.checkpoint_io, AtomicCheckpointIO) and last.is_file()
+    before = last.read_bytes()
+
+    def full_disk(checkpoint, path):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch_io, "_atomic_save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        run.save_checkpoint(last)
+    assert last.read_bytes() == before
+    assert sorted(p.name for p in last.parent.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+
+
+def test_bit_flipped_checkpoint_is_refused_on_resume(tmp_path):
+    _, _, last = _fit_with_checkpoint(tmp_path, LoRA(rank=2))
+    checkpoint = torch.load(last, weights_only=False)
+    key = next(k for k in checkpoint["state_dict"] if "lora_B" in k)
+    checkpoint["state_dict"][key].view(torch.int32)[0, 0] ^= 1 << 30   # one flipped bit in the tensor data
+    torch.save(checkpoint, last)
+    module = make_module(LoRA(rank=2))
+    with pytest.raises(ValueError, match="do not match the checksum written with them"):
+        trainer(tmp_path / "again", [], max_steps=4).fit(module, _loader(set()), ckpt_path=last)
+
+
+@pytest.mark.parametrize("resume_with, needles", [
+    (lambda: LoRA(rank=2), ["not in it", "lora_A", "that this run's adapter does not have", "skew"]),
+    (lambda: BOFT(block_size=4, n_butterfly_factors=1), ["shape(s) differ", "skew"]),
+    (lambda: BOFT(block_size=8, n_butterfly_factors=2, target_modules=["qkv"]), ["does not have", "mlp.fc1"]),
+])
+def test_resume_with_another_adapter_is_refused(tmp_path, resume_with, needles):
+    """A BOFT checkpoint resumed with a LoRA config (or other BOFT shapes, fewer targets) used to load nothing and
+    train (and merge) an untrained adapter: refused, naming the differences."""
+    _, _, last = _fit_with_checkpoint(tmp_path, BOFT(block_size=8, n_butterfly_factors=2))
+    with pytest.raises(ValueError, match="the checkpoint does not fit this run's model") as err:
+        trainer(tmp_path / "again", [], max_steps=4).fit(make_module(resume_with()), _loader(set()), ckpt_path=last)
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
