@@ -44,6 +44,9 @@ class SVDCache(L.Callback):
     Args:
         cache_dir: folder of the cache entries (created if missing).
         reconstruction_tolerance: largest relative error ``‖U diag(S) Vᵀ − W‖_F / ‖W‖_F`` of a trusted entry.
+
+    An entry is trusted only if it reconstructs its weight and is the canonical SVD SVFT relies on: singular
+    values non-increasing, U and V orthonormal, canonical signs (see :func:`~lit_peft.adapters.svft.canonical_signs`).
     """
 
     def __init__(self, cache_dir: str = "~/.cache/lit_peft/svd", reconstruction_tolerance: float = 1e-4):
@@ -87,6 +90,23 @@ class SVDCache(L.Callback):
         error = torch.linalg.matrix_norm(U * S @ V.mT - W) / torch.linalg.matrix_norm(W).clamp_min(1e-30)
         if not error <= self.reconstruction_tolerance:
             rank_zero_warn(f"SVDCache: entry {file} reconstructs its weight with relative error {float(error):.2e}; "
+                           f"recomputing")
+            return None
+        # What SVFT relies on beyond U·S·Vᵀ = W: the order of the triplets (its patterns couple neighbouring
+        # indices, top_k ranks them), orthonormal U and V, and the canonical signs (saved coefficients pair with
+        # them): permuted, rescaled or pair-flipped triplets reconstruct W just as well.
+        problems = []
+        if bool((S < 0).any()) or bool((S[1:] > S[:-1]).any()):
+            problems.append("singular values not in non-increasing order")
+        eye = torch.eye(r, dtype=U.dtype)
+        if max(float(torch.linalg.matrix_norm(U.mT @ U - eye)), float(torch.linalg.matrix_norm(V.mT @ V - eye))) \
+                > self.reconstruction_tolerance * r ** 0.5:
+            problems.append("U or V not orthonormal")
+        pivot = torch.gather(U, 0, U.abs().argmax(dim=0, keepdim=True))
+        if bool((pivot < 0).any()):
+            problems.append("signs not canonical")
+        if problems:
+            rank_zero_warn(f"SVDCache: entry {file} is not the canonical SVD SVFT relies on ({'; '.join(problems)}); "
                            f"recomputing")
             return None
         return U, S, V

@@ -217,6 +217,30 @@ def _missing_tensor(file: Path, **_):
     replace_tensors(file, tensors, meta)
 
 
+def _permuted(file: Path, **_):
+    """Triplets 0 and 1 swapped together: U·S·Vᵀ is still W, but banded/top_k couple other singular vectors."""
+    tensors, meta = read_entry(file)
+    order = torch.arange(tensors["S"].shape[0])
+    order[[0, 1]] = order[[1, 0]]
+    replace_tensors(file, {"U": tensors["U"][:, order], "S": tensors["S"][order], "V": tensors["V"][:, order]}, meta)
+
+
+def _pair_flipped(file: Path, **_):
+    """u_0 and v_0 flipped together: a valid SVD, not the canonical one saved coefficients pair with."""
+    tensors, meta = read_entry(file)
+    tensors["U"][:, 0] *= -1
+    tensors["V"][:, 0] *= -1
+    replace_tensors(file, tensors, meta)
+
+
+def _rescaled(file: Path, **_):
+    """u_0 doubled and s_0 halved: reconstructs W, but U is not orthonormal."""
+    tensors, meta = read_entry(file)
+    tensors["U"][:, 0] *= 2
+    tensors["S"][0] /= 2
+    replace_tensors(file, tensors, meta)
+
+
 CORRUPTIONS = {
     "truncated": (_truncate, "unreadable"),
     "garbage": (_garbage, "unreadable"),
@@ -228,6 +252,9 @@ CORRUPTIONS = {
     "tampered-values": (_tampered, "reconstructs"),
     "sign-flipped": (_sign_flipped, "reconstructs"),
     "nan": (_nan, "reconstructs"),
+    "permuted": (_permuted, "not the canonical SVD .*non-increasing order"),
+    "pair-sign-flipped": (_pair_flipped, "not the canonical SVD .*signs not canonical"),
+    "rescaled": (_rescaled, "not the canonical SVD .*not orthonormal"),
 }
 
 
