@@ -14,6 +14,7 @@ Steps (global rank 0 writes, the other ranks wait):
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -81,6 +82,22 @@ class MergeAdapters(L.Callback):
         self.allow_nonfinite = allow_nonfinite
         self.last_difference: float | None = None
         self.written: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """What would fail only after the whole fit fails now: ``weights: best`` without a checkpoint callback, an
+        output folder that is a file or cannot be written."""
+        if stage != "fit":
+            return
+        if self.weights == "best" and trainer.checkpoint_callback is None:
+            raise ValueError("MergeAdapters(weights='best') needs a ModelCheckpoint callback (checkpointing is off); "
+                             "use weights: final or add a lightning.pytorch.callbacks.ModelCheckpoint")
+        folder = self.resolve_dir(trainer)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"MergeAdapters: output_dir {folder} is a file, not a folder; choose another output_dir")
+        parent = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"MergeAdapters: cannot write the merged model to {folder}: {parent} is not writable; "
+                             f"choose another output_dir")
 
     def resolve_dir(self, trainer: L.Trainer) -> Path:
         if self.output_dir is not None:

@@ -30,6 +30,25 @@ def bundled_configs_dir() -> Path:
     return Path(str(files("lit_peft.configs")))
 
 
+def _check_yaml(path: str) -> None:
+    """Parse ``path`` once so that a YAML syntax error names its file (jsonargparse's message does not say which of
+    several ``--config`` files it was)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f", line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SystemExit(f"lit_peft: config {path}{line}: not valid YAML ({problem})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SystemExit(f"lit_peft: config {path} cannot be read: {err}") from None
+
+
 def resolve_config_args(args: Sequence[str]) -> list[str]:
     """Rewrite ``--config NAME`` to the bundled file when ``NAME`` is not a file here but is a bundled config."""
     resolved = list(args)
@@ -41,11 +60,13 @@ def resolve_config_args(args: Sequence[str]) -> list[str]:
         else:
             continue
         if os.path.exists(value):
+            _check_yaml(value)
             continue
         candidate = bundled_configs_dir() / value
         if not candidate.is_file() and value.startswith("configs/"):
             candidate = bundled_configs_dir() / value[len("configs/"):]
         if candidate.is_file():
+            _check_yaml(str(candidate))
             resolved[index] = str(candidate) if index == i + 1 else f"--config={candidate}"
         else:
             available = sorted(str(p.relative_to(bundled_configs_dir())) for p in bundled_configs_dir().rglob("*.yaml"))
@@ -68,6 +89,14 @@ class LitPeftCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=Optional[Literal["final", "best"]], default=None,
                             help="after fit, run test on the final weights or on the best checkpoint")
+
+    def before_fit(self) -> None:
+        """Settings that would fail only after the whole fit fail now."""
+        when = self.config.get(self.subcommand, {}).get("test_after_fit")
+        if when == "best" and self.trainer.checkpoint_callback is None:
+            raise SystemExit("lit_peft: test_after_fit: best needs a checkpoint to test, but checkpointing is off "
+                             "(trainer.enable_checkpointing: false and no ModelCheckpoint callback); use "
+                             "test_after_fit: final, or add a lightning.pytorch.callbacks.ModelCheckpoint")
 
     def after_fit(self) -> None:
         when = self.config.get(self.subcommand, {}).get("test_after_fit")

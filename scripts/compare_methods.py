@@ -132,6 +132,12 @@ class RunStats(pl.Callback):
                  "items_per_s": (sum(items) / sum(times)) if times and sum(times) > 0 else None,
                  "unit": self.unit, "trainable_params": trainable, "total_params": total,
                  "lm_loss_before": self.lm_before, "lm_loss_after": self.lm_after}
+        try:  # this process's own resident-set high-water mark (VmHWM: per address space, so not the parent's)
+            with open("/proc/self/status") as f:
+                hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+            stats.update(peak_rss_mib=hwm / 1024, peak_rss_source="VmHWM at fit end")
+        except (OSError, StopIteration, ValueError):
+            pass
         if trainer.is_global_zero:
             from lit_peft.files import atomic_write_text
             atomic_write_text(self.out, json.dumps(stats, indent=2) + "\n")
@@ -529,9 +535,13 @@ def summarise(result: dict) -> list[dict]:
                  errors=[r.get("error", "") for r in runs if r["status"] != "ok"])
         if ok:
             s["mean"], s["std"] = _mean_std([r["metric"] for r in ok])
-            for k in ("trainable_params", "step_time_s", "items_per_s", "peak_rss_mib"):
+            for k in ("trainable_params", "step_time_s", "items_per_s"):
                 vals = [r[k] for r in ok if r.get(k) is not None]
                 s[k] = statistics.median(vals) if vals else None
+            # the run's own VmHWM (earlier harness versions took wait4's ru_maxrss, which on Linux includes the
+            # parent's resident set at fork time: those runs show no figure)
+            vals = [r["peak_rss_mib"] for r in ok if r.get("peak_rss_source") and r.get("peak_rss_mib") is not None]
+            s["peak_rss_mib"] = statistics.median(vals) if vals else None
             s["unit"] = ok[0].get("unit")
             forget = [r["lm_loss_after"] - r["lm_loss_before"] for r in ok
                       if r.get("lm_loss_before") is not None and r.get("lm_loss_after") is not None]
@@ -593,9 +603,9 @@ def write_report(task: Task, result: dict, summary: list[dict], out: Path, comma
     lines += ["",
               "Trainable parameters include the task head where the model has one. Step time: median wall seconds "
               "of one training step (forward, backward, optimiser) after the first two, from a callback in the run; "
-              f"{unit}: items trained per second of step time. Peak RSS: the maximum resident set size of the whole "
-              "`python -m lit_peft fit` process (model, data, evaluation included; `ru_maxrss`), not the torch "
-              "allocator.", "",
+              f"{unit}: items trained per second of step time. Peak RSS: the resident-set high-water mark of the "
+              "`python -m lit_peft fit` process at the end of fit (`VmHWM`: model, data and loaders included), not "
+              "the torch allocator; – where a run predates that measurement.", "",
               f"![{task.name}: metric vs parameters]({task.name}_params.png)",
               f"![{task.name}: training loss]({task.name}_loss.png)", "",
               *(cost_section(result.get("cost")) if task.cost else []),

@@ -135,6 +135,27 @@ def test_bare_config_name_resolves_to_bundled_folder(tmp_path, monkeypatch):
         resolve_config_args(["fit", "--config", "no_such.yaml"])
 
 
+def test_yaml_syntax_error_names_its_file(tmp_path, monkeypatch):
+    """With several --config files, a syntax error in the second says which file (and where)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "override.yaml").write_text("trainer:\n  max_steps: [1\n")
+    with pytest.raises(SystemExit, match=r"lit_peft: config override\.yaml, line 3, column 1: not valid YAML"):
+        resolve_config_args(["fit", "--config", "demo.yaml", "--config", "override.yaml"])
+
+
+def test_test_after_fit_best_without_checkpointing_fails_before_fit(tmp_path):
+    from helpers.cli import cli_env
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "lit_peft", "fit", "--config", "demo.yaml", "--test_after_fit",
+                           "best", "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
+                           "--trainer.default_root_dir", str(tmp_path)],
+                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "test_after_fit: best needs a checkpoint" in out, out[-2000:]
+    assert "Epoch" not in out and not list(tmp_path.rglob("metrics.csv")), "it must fail before any training"
+
+
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_config_spells_out_every_key(path):
     """Configs are the user interface: every class_path block lists all its init_args (so switching a class never

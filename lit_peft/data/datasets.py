@@ -35,11 +35,14 @@ class ImageListDataset(Dataset):
         list_file: the list file, relative to ``root`` (or absolute).
         transform: applied to the RGB PIL image; ``None`` returns the PIL image.
         num_classes: if given, every label must lie in ``[0, num_classes)``.
+        verify: also open and fully decode every image when the dataset is built (slower; catches truncated or
+            unreadable files before training instead of when their batch comes up).
 
     The list is parsed and checked when the dataset is built (missing folder/file, malformed line, label out of
-    range: errors name the file and line; :func:`~lit_peft.data.sources.read_image_list`); images are opened
-    lazily, and an unreadable image raises naming the image file and the list line that refers to it. Blank lines
-    are skipped; paths may contain spaces (the label is the last field).
+    range, an empty list, listed images that do not exist: errors name the file and line;
+    :func:`~lit_peft.data.sources.read_image_list`); images are decoded lazily (unless ``verify``), and an
+    unreadable image raises naming the image file and the list line that refers to it. Blank lines are skipped;
+    paths may contain spaces (the label is the last field).
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class ImageListDataset(Dataset):
         list_file: str | os.PathLike,
         transform: Callable | None = None,
         num_classes: int | None = None,
+        verify: bool = False,
     ) -> None:
         self.root = Path(root)
         self.list_file = self.root / list_file
@@ -62,6 +66,17 @@ class ImageListDataset(Dataset):
                 f"(list files present there: {present or 'none'})"
             )
         self.samples, self._line_numbers = read_image_list(self.list_file, num_classes)
+        if not self.samples:
+            raise ValueError(f"list file {self.list_file} lists no images; a split must hold at least one "
+                             f"'<relative/image/path> <label>' line")
+        missing = [i for i, (rel, _) in enumerate(self.samples) if not (self.root / rel).is_file()]
+        if missing:
+            shown = ", ".join(f"{self.root / self.samples[i][0]} (line {self._line_numbers[i]})" for i in missing[:3])
+            raise FileNotFoundError(f"{len(missing)} of the {len(self.samples)} images listed in {self.list_file} do "
+                                    f"not exist: {shown}{', …' if len(missing) > 3 else ''}")
+        if verify:
+            for i in range(len(self.samples)):
+                self.load_image(i).load()
 
     @property
     def targets(self) -> list[int]:

@@ -62,6 +62,9 @@ class VTABDataModule(ImageDataModule):
         seed: seeds the training-loader shuffle and, with ``source: torchvision``, the 800/200 draw. Keep it
             fixed across repeated runs to keep the split fixed, as in VTAB-1k.
         download: with ``source: torchvision``, let torchvision download the data in ``prepare_data``.
+        verify_images: with ``source: folder``, open and decode every listed image at setup (a truncated or
+            unreadable file fails before training rather than when its batch comes up); listed images that do
+            not exist are always found at setup.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class VTABDataModule(ImageDataModule):
         std: tuple[float, float, float] | None = None,
         seed: int = 42,
         download: bool = False,
+        verify_images: bool = False,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, mean=mean, std=std, seed=seed)
         if task not in VTAB_TASKS and task not in LIST_LAYOUT_TASKS:
@@ -98,6 +102,7 @@ class VTABDataModule(ImageDataModule):
         self.final = bool(final)
         self.img_size = img_size
         self.download = bool(download)
+        self.verify_images = bool(verify_images)
 
     @property
     def num_classes(self) -> int:
@@ -144,7 +149,8 @@ class VTABDataModule(ImageDataModule):
         mean, std = self.resolve_normalization()
         tf = eval_transform(self.img_size, mean, std)
         for split, name in files.items():
-            setattr(self, f"{split}_set", ImageListDataset(folder, name, tf, num_classes=self.num_classes))
+            setattr(self, f"{split}_set", ImageListDataset(folder, name, tf, num_classes=self.num_classes,
+                                                           verify=self.verify_images))
 
     # -- torchvision ---------------------------------------------------------------------------------------------
 

@@ -150,10 +150,18 @@ def test_merge_adapters_best_weights(tmp_path, digits, images):
 
 
 def test_merge_adapters_best_without_checkpoint_raises(tmp_path, digits):
+    """Found at setup, before any training step (it used to surface only after the whole fit)."""
     merge = MergeAdapters(output_dir=str(tmp_path / "merged"), weights="best")
-    with pytest.raises(ValueError, match="ModelCheckpoint"):
-        trainer(tmp_path, [merge], max_steps=1).fit(make_module(BOFT(block_size=8)), datamodule=digits)
+    run = trainer(tmp_path, [merge], max_steps=1)
+    with pytest.raises(ValueError, match="needs a ModelCheckpoint callback"):
+        run.fit(make_module(BOFT(block_size=8)), datamodule=digits)
+    assert run.global_step == 0
     assert not (tmp_path / "merged").exists()
+    (tmp_path / "a-file").write_text("not a folder")
+    run = trainer(tmp_path, [MergeAdapters(output_dir=str(tmp_path / "a-file"))], max_steps=1)
+    with pytest.raises(ValueError, match=r"output_dir .*a-file is a file, not a folder"):
+        run.fit(make_module(BOFT(block_size=8)), datamodule=digits)
+    assert run.global_step == 0
     with pytest.raises(ValueError, match="weights"):
         MergeAdapters(weights="last")
 

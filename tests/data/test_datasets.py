@@ -73,12 +73,15 @@ def test_image_list_dataset_bad_label(vtab_root, label):
 def test_image_list_dataset_unreadable_and_missing_image(vtab_root):
     folder = vtab_root / "dmlab"
     (folder / "images/test/c2_1.png").write_bytes(b"this is not an image")
-    (folder / "images/test/c0_0.png").unlink()
-    ds = ImageListDataset(folder, "test.txt", num_classes=6)  # listing is fine; images load lazily
+    ds = ImageListDataset(folder, "test.txt", num_classes=6)  # listing is fine; images decode lazily
     with pytest.raises(OSError, match=r"cannot read image file .*c2_1\.png \(listed at .*test\.txt:6\)"):
         ds[5]
-    with pytest.raises(FileNotFoundError, match=r"image file not found: .*c0_0\.png \(listed at .*test\.txt:1\)"):
-        ds[0]
+    with pytest.raises(OSError, match=r"cannot read image file .*c2_1\.png"):
+        ImageListDataset(folder, "test.txt", num_classes=6, verify=True)
+    (folder / "images/test/c0_0.png").unlink()  # a listed file that does not exist: found when building
+    with pytest.raises(FileNotFoundError, match=r"1 of the 6 images listed in .*test\.txt do not exist: "
+                                                r".*c0_0\.png \(line 1\)"):
+        ImageListDataset(folder, "test.txt", num_classes=6)
 
 
 # ------------------------------------------------------------------------------------------------------------------

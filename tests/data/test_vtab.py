@@ -205,3 +205,25 @@ def test_vtab_torchvision_errors(tmp_path):
     dm = VTABDataModule(task="cifar100", data_root=str(tmp_path), source="torchvision")
     with pytest.raises(FileNotFoundError, match=r"CIFAR100 .*could not be loaded .*Set download: true"):
         dm.setup("fit")
+
+
+def test_vtab_empty_list_missing_and_truncated_images_fail_at_setup(tmp_path):
+    """An empty training list used to train 0 steps and exit 0; a missing or truncated image used to fail only when
+    its batch came up. All three now fail at setup, naming the list file (and line) or the image."""
+    root = tmp_path / "vtab"
+    folder = make_color_vtab_task(root)
+    (folder / "train800.txt").write_text("\n")
+    with pytest.raises(ValueError, match=r"train800\.txt lists no images"):
+        vtab_dm(root).setup("fit")
+    make_color_vtab_task(tmp_path / "again")
+    folder = tmp_path / "again" / "dmlab"
+    (folder / "images" / "test" / "c2_1.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of the 6 images listed in .*test\.txt do not exist: .*c2_1\.png "
+                                                r"\(line 6\)"):
+        vtab_dm(tmp_path / "again").setup("test")
+    vtab_dm(tmp_path / "again").setup("fit")   # the training split is whole
+    image = folder / "images" / "train800" / "c0_1.png"
+    image.write_bytes(image.read_bytes()[:40])   # truncated
+    vtab_dm(tmp_path / "again").setup("fit")     # lazily decoded by default ...
+    with pytest.raises(OSError, match=r"cannot read image file .*c0_1\.png \(listed at .*train800\.txt:2\)"):
+        vtab_dm(tmp_path / "again", verify_images=True).setup("fit")   # ... decoded at setup on request
