@@ -17,6 +17,7 @@ from typing import Literal, Optional
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from .compat import parse_ckpt_hparams
 from .handover import connect
 
 
@@ -90,6 +91,20 @@ class LitPeftCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=Optional[Literal["final", "best"]], default=None,
                             help="after fit, run test on the final weights or on the best checkpoint")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the model arguments by the checkpoint's hyperparameters on ``--ckpt_path``; the
+        checkpoint wins (the run continues as it was trained), and each argument it replaces is named here."""
+        before = _model_init_args(self.config)
+        parse_ckpt_hparams(self)
+        after = _model_init_args(self.config)
+        changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+        if changed:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn("lit_peft: resuming from a checkpoint whose hyperparameters replace these model arguments "
+                           "of the config/command line (the checkpoint's values are used): "
+                           + "; ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed))
+
     def before_fit(self) -> None:
         """Settings that would fail only after the whole fit fail now."""
         when = self.config.get(self.subcommand, {}).get("test_after_fit")
@@ -103,6 +118,16 @@ class LitPeftCLI(LightningCLI):
         if when is None or self.trainer.interrupted:
             return
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if when == "best" else None)
+
+
+def _model_init_args(config) -> dict:
+    """The model's ``init_args`` of the parsed config, as plain values (empty when there is none)."""
+    sub = config.get("subcommand")
+    model = (config.get(sub) if sub else config).get("model") if config is not None else None
+    if model is None:
+        return {}
+    model = model.as_dict() if hasattr(model, "as_dict") else dict(model)
+    return dict(model.get("init_args") or {})
 
 
 def main(args: Sequence[str] | None = None) -> LitPeftCLI:

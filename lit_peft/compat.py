@@ -16,6 +16,8 @@ Used (checked against Lightning 2.4–2.6 and torch 2.4–2.14):
 - ``LightningModule._trainer`` (the attached trainer or ``None``; the public ``trainer`` property raises when there
   is none): :func:`trainer_of`.
 - ``lightning.fabric.utilities.seed.reset_seed`` (re-seed from ``seed_everything``'s seed): :func:`reset_seed`.
+- ``LightningCLI._parse_ckpt_path`` (where the CLI replaces model arguments by a checkpoint's hyperparameters;
+  lit_peft wraps it to name each replaced argument): :func:`parse_ckpt_hparams`.
 - ``torch.nn.Module._apply`` (move a subset of a module's tensors, and the hook a module overrides to see every
   ``.to()``/``.cuda()``): :func:`apply_to_tensors`, :class:`MoveHook`.
 """
@@ -53,6 +55,16 @@ def forward_through(strategy: Any, wrapper: nn.Module, module: nn.Module, method
         raise _missing(type(strategy).__name__, "_forward_redirection",
                        "running the merge check through the FSDP1 root wrapper")
     return redirect(wrapper, module, method, *args)
+
+
+def parse_ckpt_hparams(cli: Any) -> None:
+    """Run LightningCLI's own ``_parse_ckpt_path`` on ``cli`` (the checkpoint's hyperparameters into the config)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    parse = getattr(LightningCLI, "_parse_ckpt_path", None)
+    if not callable(parse):
+        raise _missing("LightningCLI", "_parse_ckpt_path", "naming the model arguments a checkpoint replaces on resume")
+    parse(cli)
 
 
 def restore_loader_states(trainer: Any) -> None:

@@ -141,3 +141,23 @@ def test_resume_continues_with_the_same_losses(tmp_path, monkeypatch):
     resumed = {**part1, **part2}
     for step, loss in uninterrupted.items():
         assert resumed[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), f"step {step}"
+
+
+def test_resume_names_the_model_arguments_the_checkpoint_replaces(tmp_path, monkeypatch):
+    """On ``--ckpt_path`` Lightning replaces the model arguments by the checkpoint's hyperparameters (the run goes on
+    as it was trained); those given otherwise in the config or on the command line are named in a warning."""
+    from lit_peft.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    data_root = make_vtab_task(tmp_path / "vtab")
+    adapter = {"class_path": "lit_peft.adapters.LoRA", "init_args": {"rank": 2}}
+    config = write_config(tmp_path, data_root, adapter, max_epochs=1, name="first")
+    main(["fit", "--config", str(config), "--test_after_fit=null"])
+    checkpoint = tmp_path / "runs" / "first" / "version_0" / "checkpoints" / "last.ckpt"
+    again = write_config(tmp_path, data_root, adapter, max_epochs=2, name="again")
+    with pytest.warns(UserWarning, match=r"hyperparameters replace these model arguments .*: lr_schedule: 'linear' "
+                                         r"-> 'cosine'; warmup_ratio: 0.3 -> 0.1") as record:
+        cli = main(["fit", "--config", str(again), "--test_after_fit=null", "--ckpt_path", str(checkpoint),
+                    "--model.init_args.lr_schedule", "linear", "--model.init_args.warmup_ratio", "0.3"])
+    assert cli.model.lr_schedule == "cosine" and cli.model.warmup_ratio == 0.1
+    assert not any("num_classes" in str(w.message) for w in record)   # unchanged arguments are not named

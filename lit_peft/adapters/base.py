@@ -80,6 +80,15 @@ class AdaptedLinear(nn.Module):
             self.bias.requires_grad_(False)
         self.parts = dict(sorted(parts.items(), key=lambda kv: kv[1][0]))
         self.adapters = nn.ModuleDict()
+        #: applied to a ``meta``-device layer: shapes and counts only, its adapter tensors never initialised
+        self.built_on_meta = base.weight.device.type == "meta"
+
+    def _check_initialised(self) -> None:
+        if self.built_on_meta and self.weight.device.type != "meta":
+            raise RuntimeError(
+                f"this {type(self).__name__} was built on the meta device (shapes and parameter counts only): its "
+                f"adapter tensors were never initialised, and materialising the model (to_empty) does not initialise "
+                f"them. Apply the adapter to the model after its weights are loaded")
 
     # -- structure ---------------------------------------------------------------------------------------------
     def row_blocks(self) -> Iterator[tuple[str | None, int, int]]:
@@ -141,6 +150,7 @@ class AdaptedLinear(nn.Module):
         return weight_cost < activation_cost
 
     def forward(self, x: Tensor) -> Tensor:
+        self._check_initialised()
         if self.use_weight_side(x):
             return self.forward_weight_side(x)
         return self.forward_by_rows(x, self.part_output)
@@ -165,6 +175,7 @@ class AdaptedLinear(nn.Module):
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing what this layer computes in eval mode (merged in >= float32)."""
+        self._check_initialised()
         weight = full_tensor(self.weight)
         work = compute_dtype(weight.dtype)
         bias = None if self.bias is None else full_tensor(self.bias).to(work)

@@ -194,6 +194,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *,
     folder = Path(path)
     config = read_adapter_config(folder)
     strategy = strategy_from_config(config)
+    on_meta = sorted({n.rsplit(".", 1)[0] for n, t in model.state_dict().items() if t.device.type == "meta"})
+    if on_meta:
+        raise ValueError(f"cannot load adapter {folder} onto a model on the meta device ({len(on_meta)} module(s), "
+                         f"e.g. {on_meta[0]}): the saved values would be dropped. Materialise the model and load its "
+                         f"weights first (e.g. model.to_empty(device='cpu') and load_state_dict), then load_adapter")
     tensors = _read_tensors(folder / TENSORS_FILE, config.get("tensors_sha256"))
 
     modules = dict(model.named_modules())
@@ -305,6 +310,8 @@ def merge_adapters(model: nn.Module, *, allow_nonfinite: bool = False) -> nn.Mod
     (in eval mode). In place, returns ``model``; a model without adapters is returned unchanged. Adapters holding
     NaN or infinite values are refused (before anything changes) unless ``allow_nonfinite``."""
     layers = adapted_layers(model)
+    for layer in layers.values():
+        layer._check_initialised()
     if not allow_nonfinite:
         _refuse_nonfinite({f"{name}.adapters.{key}": full_tensor(t.detach())
                            for name, layer in layers.items() for key, t in layer.adapters.state_dict().items()},

@@ -30,6 +30,7 @@ from transformers import AutoTokenizer
 from ..adapters import AdapterStrategy, find_strategy, resolve_targets
 from ..adapters.peft_export import export_peft_adapter, peft_export_problem
 from ..files import atomic_write_folder
+from ..hub import check_model_source
 from ..handover import ModelInfo
 from .base import AdaptedModule
 
@@ -73,6 +74,12 @@ class HFAdaptedModule(AdaptedModule):
 
     def _init_common(self, model_name_or_path: str, tokenizer: str | None, torch_dtype: str,
                      attn_implementation: str | None, export_peft: bool) -> None:
+        check_model_source(model_name_or_path, argument="model.init_args.model_name_or_path",
+                           instead="A local folder works offline: e.g. `python -m lit_peft.assets prepare "
+                                   "smollm2-135m-instruct` and model_name_or_path: the folder `python -m "
+                                   "lit_peft.assets path smollm2-135m-instruct` prints.")
+        if tokenizer is not None:
+            check_model_source(tokenizer, argument="model.init_args.tokenizer", local_file="")
         self.model_name_or_path = model_name_or_path
         #: what the text data modules load when their own ``tokenizer`` argument is ``None`` (:meth:`model_info`)
         self.tokenizer_name_or_path = tokenizer or model_name_or_path

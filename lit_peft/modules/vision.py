@@ -18,6 +18,21 @@ from ..handover import DataInfo, ModelInfo
 from .base import AdaptedModule
 
 
+def _check_pretrained_source(backbone: str) -> None:
+    """Fail in seconds when timm's pretrained weights for ``backbone`` are neither cached nor fetchable."""
+    from timm.models import get_pretrained_cfg
+
+    from ..hub import check_model_source
+
+    cfg = get_pretrained_cfg(backbone)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if repo:
+        check_model_source(repo, argument=f"model.init_args.pretrained (timm {backbone})",
+                           filenames=("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"),
+                           instead="Give model.init_args.checkpoint_path: a local weights file (.safetensors, .pth "
+                                   "or .bin) instead of pretrained: true.")
+
+
 def create_backbone(backbone: str, num_classes: int, pretrained: bool = False, checkpoint_path: str | None = None,
                     img_size: int | None = None, model_kwargs: dict[str, Any] | None = None) -> torch.nn.Module:
     """``timm.create_model`` with hub weights (``pretrained``) or a local weights file (``checkpoint_path``).
@@ -35,6 +50,8 @@ def create_backbone(backbone: str, num_classes: int, pretrained: bool = False, c
                                     f" .pth or .bin weights file for {backbone})")
         return timm.create_model(backbone, pretrained=True, num_classes=num_classes,
                                  pretrained_cfg_overlay={"file": os.path.abspath(checkpoint_path)}, **kwargs)
+    if pretrained and timm.is_model(backbone):
+        _check_pretrained_source(backbone)
     try:
         return timm.create_model(backbone, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except RuntimeError as err:

@@ -423,3 +423,21 @@ def test_merge_after_load(tmp_path, images):
     plain.load_state_dict(merged.state_dict(), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(plain(images), out, atol=2e-5, rtol=1e-5)
+
+
+def test_meta_device_models_are_refused_where_values_would_be_lost(tmp_path, images):
+    """``apply`` on the meta device is a dry run (shapes, counts); after materialising, its never-initialised adapter
+    tensors must not compute silently; ``load_adapter`` onto a meta model would drop the saved values."""
+    model = LoRA(rank=2).apply(make_vit(0))
+    randomize(model, seed=4)
+    save_adapter(model, tmp_path / "a")
+    with torch.device("meta"):
+        meta = make_vit(None)
+    with pytest.raises(ValueError, match=r"onto a model on the meta device .*the saved values would be dropped"):
+        load_adapter(meta, tmp_path / "a")
+    assert count_parameters(LoRA(rank=2).apply(meta))["adapter"] == count_parameters(model)["adapter"]
+    meta.to_empty(device="cpu")
+    with pytest.raises(RuntimeError, match="built on the meta device .* never initialised"):
+        meta(images)
+    with pytest.raises(RuntimeError, match="built on the meta device"):
+        merge_adapters(meta)
