@@ -50,6 +50,38 @@ def _check_yaml(path: str) -> None:
         raise SystemExit(f"lit_peft: config {path} cannot be read: {err}") from None
 
 
+#: Modules whose public classes may be named by their short name where jsonargparse wants an import path.
+_SHORT_NAME_MODULES = ("lit_peft.modules", "lit_peft.data", "lit_peft.adapters", "lit_peft.callbacks", "torch.optim",
+                       "lightning.pytorch.callbacks", "lightning.pytorch.loggers", "lightning.pytorch.strategies")
+
+
+def full_class_path(name: str) -> str:
+    """``ViTClassifier`` -> ``lit_peft.modules.ViTClassifier`` (the first of :data:`_SHORT_NAME_MODULES` that has
+    it); a dotted path or an unknown name is returned as given."""
+    if "." in name:
+        return name
+    import importlib
+
+    for module_name in _SHORT_NAME_MODULES:
+        module = importlib.import_module(module_name)
+        if isinstance(getattr(module, name, None), type):
+            return f"{module_name}.{name}"
+    return name
+
+
+def resolve_help_args(args: Sequence[str]) -> list[str]:
+    """``--model.help ViTClassifier`` (and ``--<key>.help NAME`` in general): the short name as its import path,
+    which jsonargparse's help action requires."""
+    resolved = list(args)
+    for i, arg in enumerate(resolved):
+        if arg.endswith(".help") and arg.startswith("--") and i + 1 < len(resolved):
+            resolved[i + 1] = full_class_path(resolved[i + 1])
+        elif arg.startswith("--") and ".help=" in arg:
+            key, value = arg.split("=", 1)
+            resolved[i] = f"{key}={full_class_path(value)}"
+    return resolved
+
+
 def resolve_config_args(args: Sequence[str]) -> list[str]:
     """Rewrite ``--config NAME`` to the bundled file when ``NAME`` is not a file here but is a bundled config."""
     resolved = list(args)
@@ -131,6 +163,13 @@ def _model_init_args(config) -> dict:
 
 
 def main(args: Sequence[str] | None = None) -> LitPeftCLI:
+    """The CLI on ``args`` (``None``: the command line, whose ``--config`` names are resolved in place, so that
+    LightningCLI does not warn about ``args`` given beside a command line)."""
+    if args is None:
+        sys.argv[1:] = resolve_help_args(resolve_config_args(sys.argv[1:]))
+        cli_args = None
+    else:
+        cli_args = resolve_help_args(resolve_config_args(args))
     return LitPeftCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -138,7 +177,8 @@ def main(args: Sequence[str] | None = None) -> LitPeftCLI:
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        args=resolve_config_args(sys.argv[1:] if args is None else args),
+        parser_kwargs={"prog": "python -m lit_peft"},
+        args=cli_args,
     )
 
 

@@ -161,3 +161,23 @@ def test_resume_names_the_model_arguments_the_checkpoint_replaces(tmp_path, monk
                     "--model.init_args.lr_schedule", "linear", "--model.init_args.warmup_ratio", "0.3"])
     assert cli.model.lr_schedule == "cosine" and cli.model.warmup_ratio == 0.1
     assert not any("num_classes" in str(w.message) for w in record)   # unchanged arguments are not named
+
+
+def test_help_names_the_command_and_no_args_warning(tmp_path):
+    """``--help`` says ``python -m lit_peft`` (not ``__main__.py``), and a command-line run no longer prints
+    LightningCLI's warning about ``args`` given beside ``sys.argv``."""
+    import subprocess
+    import sys
+
+    from helpers.cli import cli_env
+
+    out = subprocess.run([sys.executable, "-m", "lit_peft", "fit", "--help"], cwd=tmp_path, env=cli_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("usage: python -m lit_peft"), out.stdout[:300]
+    out = subprocess.run([sys.executable, "-m", "lit_peft", "fit", "--config", "demo.yaml", "--print_config"],
+                         cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "args parameter is intended" not in out.stdout + out.stderr
+    out = subprocess.run([sys.executable, "-m", "lit_peft", "fit", "--model.help", "ViTClassifier"], cwd=tmp_path,
+                         env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "--model.checkpoint_path" in out.stdout, out.stderr[-2000:]
