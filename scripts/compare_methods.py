@@ -429,7 +429,7 @@ def cost_section(cost: dict | None) -> list[str]:
                    "time: " + ("yes" if tr <= t_target else "**no**") + ", memory: " + ("yes" if mr <= m_target else "**no**"))
         lines.append(f"| {name} | {tr:.2f}× | ≤ {t_target}× | {mr:.2f}× | ≤ {m_target}× | {verdict} |")
     lines += ["", "Measured by the harness with `scripts/bench_adapters.py` (one forked process per row, before the "
-              "task's training runs, nothing else running); its table:", "", cost["table"]]
+              "task's training runs, nothing else running); its table:", "", cost["table"].replace(f"{REPO}/", "")]
     return lines
 
 
@@ -599,6 +599,9 @@ def write_report(task: Task, result: dict, summary: list[dict], out: Path, comma
                 cells.append(f"{f[0]:+.3f} ± {f[1]:.3f} (before {s['lm_loss_before']:.3f})" if f else "–")
         lines.append("| " + " | ".join(cells) + " |")
     for method, why in NOT_RUN.items():
+        if task.cost:
+            why = ("accuracy not run: the CLI applies lit_peft's adapters, which equal peft's to ~1e-14 "
+                   "(tests/adapters); its speed and memory are in the table below")
         lines.append("| " + " | ".join([method, why] + [""] * (len(head) - 2)) + " |")
     lines += ["",
               "Trainable parameters include the task head where the model has one. Step time: median wall seconds "
@@ -636,9 +639,14 @@ def plot(task: Task, summary: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
     from lit_peft.files import atomic_write
 
-    ok = [s for s in summary if s.get("n_ok") and s.get("trainable_params")]
+    floor = next((s for s in summary if s["method"] == "untrained" and s.get("n_ok")), None)
+    ok = [s for s in summary if s.get("n_ok") and s.get("trainable_params") and s["method"] != "untrained"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = {s["method"]: plt.cm.tab20(i % 20) for i, s in enumerate(summary)}
+    if floor is not None:  # trains nothing: a level, not a point at some parameter count
+        ax.axhline(floor["mean"], color="grey", ls="--", lw=1)
+        ax.annotate("untrained model", (0.01, floor["mean"]), xycoords=("axes fraction", "data"),
+                    textcoords="offset points", xytext=(2, 4), fontsize=8, color="grey")
     for s in ok:
         ax.errorbar(s["trainable_params"], s["mean"], yerr=s["std"], fmt="o", capsize=3, color=colours[s["method"]])
         ax.annotate(s["method"], (s["trainable_params"], s["mean"]), textcoords="offset points", xytext=(4, 4),
