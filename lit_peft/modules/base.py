@@ -21,6 +21,7 @@ from ..adapters import AdapterStrategy, count_parameters
 from ..adapters.base import unwrapped_name
 from ..callbacks import find_svd_provider
 from ..compat import reset_seed, trainer_of
+from ..distributed.lifetime import end_with_job
 from ..distributed.module import ShardedModuleMixin
 from ..handover import DataInfo, ModelInfo, connect_from_trainer
 from .checkpointing import AdapterCheckpointMixin, use_atomic_checkpoints
@@ -130,6 +131,8 @@ class AdaptedModule(AdapterCheckpointMixin, ShardedModuleMixin):
         trainer = trainer_of(self)
         connect_from_trainer(trainer)
         use_atomic_checkpoints(trainer)
+        if trainer is not None:
+            end_with_job(trainer.world_size)  # no rank outlives a failed job (lit_peft.distributed.lifetime)
 
     # -- adapting ------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:

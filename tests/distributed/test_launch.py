@@ -85,6 +85,22 @@ class FailOnRank(L.Callback):
             raise RuntimeError(f"rank {self.rank} ''' + ERROR + '''")
         if self.wait:
             trainer.strategy.barrier("FailOnRank")
+
+
+class StallOnRank(L.Callback):
+    """Global rank ``rank`` stops making progress (sleeps) when training step ``step`` starts; the others wait in a
+    barrier, which the process-group timeout ends."""
+
+    def __init__(self, rank: int, step: int = 1):
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step != self.step:
+            return
+        if trainer.global_rank == self.rank:
+            import time
+            time.sleep(3600)
+        trainer.strategy.barrier("StallOnRank")
 '''
 
 
@@ -214,6 +230,20 @@ def test_failing_rank_ends_the_job(job, case):
         summaries = [out.split("Root Cause (first observed failure):", 1)[-1] for _, out in results]
         assert any(re.search(rf"rank\s*: {rank} \(local_rank: \d\)", summary) and
                    f"RuntimeError: rank {rank} {ERROR}" in summary for summary in summaries), output[-4000:]
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_stalled_rank_ends_the_job(job, rank):
+    """A rank that stalls (rather than crashes): the other's barrier times out (the overlay's process-group timeout,
+    shortened here), and no process is left running: a stalled child dies with its launcher (PR_SET_PDEATHSIG), a
+    stalled launcher is ended by its watchdog when the child fails (``lit_peft.distributed.lifetime``)."""
+    folder, cli = job({"class_path": "probes.StallOnRank", "init_args": {"rank": rank}})
+    results = launch([[sys.executable, *cli, *overlay("ddp"), "--trainer.devices=2",
+                       "--trainer.strategy.init_args.timeout=0:00:15"]], folder)
+    code, output = results[0]
+    assert code != 0, output[-3000:]
+    if rank == 0:
+        assert "lit_peft: rank process" in output and "ended with exit code" in output, output[-3000:]
 
 
 @pytest.mark.parametrize("overlay", sorted(p.name for p in (REPO / "configs" / "strategy").glob("*.yaml")))
