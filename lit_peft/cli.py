@@ -144,6 +144,11 @@ class LitPeftCLI(LightningCLI):
             raise SystemExit("lit_peft: test_after_fit: best needs a checkpoint to test, but checkpointing is off "
                              "(trainer.enable_checkpointing: false and no ModelCheckpoint callback); use "
                              "test_after_fit: final, or add a lightning.pytorch.callbacks.ModelCheckpoint")
+        if when is not None and callable(getattr(self.datamodule, "check_can_test", None)):
+            try:
+                self.datamodule.check_can_test()
+            except (RuntimeError, ValueError) as err:
+                raise SystemExit(f"lit_peft: test_after_fit: {when} would fail after the whole fit: {err}") from None
 
     def after_fit(self) -> None:
         when = self.config.get(self.subcommand, {}).get("test_after_fit")

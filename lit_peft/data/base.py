@@ -93,6 +93,10 @@ class LitPeftDataModule(L.LightningDataModule):
         without a trainer, or before a model is attached to it)."""
         connect_from_trainer(self.trainer)
 
+    def check_can_test(self) -> None:
+        """Raise if ``test`` cannot run with these settings (called before ``fit`` when a test follows it, so a
+        missing test split fails before training rather than after it). Nothing to check by default."""
+
     def _setup_stages(self, stage: str | None) -> tuple[bool, bool, bool]:
         """Where every ``setup`` starts: the (train, val, test) sets ``stage`` needs (:func:`_stages`), after
         connecting to the trainer's model (:meth:`connect_trainer`)."""

@@ -321,11 +321,14 @@ class InstructionDataModule(TextDataModule):
             return []
         return self._eval_loader(capped=True)
 
+    def check_can_test(self) -> None:
+        if self.eval_data is None:
+            raise RuntimeError("no evaluation data to test on: set data.init_args.eval_data (e.g. openai/gsm8k with "
+                               "eval_task gsm8k, or a local file)")
+
     def test_dataloader(self) -> DataLoader:
         """All generation-eval batches."""
-        if self.eval_data is None:
-            raise RuntimeError("no evaluation data: set data.init_args.eval_data (e.g. openai/gsm8k with eval_task "
-                               "gsm8k, or a local file)")
+        self.check_can_test()
         return self._eval_loader(capped=False)
 
     def predict_dataloader(self) -> DataLoader:

@@ -140,3 +140,55 @@ def test_orthogonality_check_once_per_optimiser_step_under_accumulation(tmp_path
     run = trainer(tmp_path, [OrthogonalityCheck(every_n_steps=1)], max_steps=3, accumulate_grad_batches=3)
     run.fit(boft_module(), datamodule=digits)
     assert steps == [1, 2, 3]
+
+
+def _stop_decision_worker(rank, world, port, errors):
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+
+        class Strategy:
+            def reduce_boolean_decision(self, decision, all=True):
+                flag = torch.tensor(int(bool(decision)))
+                dist.all_reduce(flag)
+                return bool(flag.item() == world) if all else bool(flag.item() > 0)
+
+        class Trainer:
+            world_size, global_step, should_stop, strategy = world, 1, False, Strategy()
+
+        class Module(torch.nn.Module):
+            def __init__(self, model):
+                super().__init__()
+                self.model = model
+
+            def log(self, *args, **kwargs):
+                pass
+
+        module = Module(boft_module().model)
+        if rank == 1:  # only this rank's blocks violate (e.g. a rank whose state diverged)
+            layer = module.model.blocks[0].attn.qkv
+            original = layer.orthogonal_blocks
+            layer.orthogonal_blocks = lambda part, training=False: original(part, training) * 1.1
+        trainer = Trainer()
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            OrthogonalityCheck(every_n_steps=1, action="stop").check(trainer, module)
+        assert trainer.should_stop, f"rank {rank} did not stop"
+        dist.destroy_process_group()
+    except BaseException:
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+
+
+def test_orthogonality_check_stop_is_decided_by_all_ranks():
+    """A violation seen on one rank stops every rank (a stop on one rank alone would hang the others)."""
+    from helpers.distributed import NEEDS_GLOO, spawn_workers
+
+    if NEEDS_GLOO.args and NEEDS_GLOO.args[0]:
+        pytest.skip("needs torch.distributed with gloo")
+    spawn_workers(_stop_decision_worker, 2)

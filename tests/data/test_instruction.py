@@ -198,6 +198,8 @@ def test_no_eval_data_means_no_validation(data, tok_dir):
     assert dm.val_dataloader() == []
     with pytest.raises(RuntimeError, match="set data.init_args.eval_data"):
         dm.test_dataloader()
+    with pytest.raises(RuntimeError, match="set data.init_args.eval_data"):
+        dm.check_can_test()   # what the CLI asks before fit when test_after_fit is set
     with pytest.raises(RuntimeError, match="set data.init_args.val_fraction > 0"):
         dm.loss_val_dataloader()
 
