@@ -15,6 +15,7 @@ Steps (global rank 0 writes, the other ranks wait):
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -85,7 +86,7 @@ class MergeAdapters(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """What would fail only after the whole fit fails now: ``weights: best`` without a checkpoint callback, an
-        output folder that is a file or cannot be written."""
+        output folder that is a file, cannot be written or lies on a disk without room for the merged model."""
         if stage != "fit":
             return
         if self.weights == "best" and trainer.checkpoint_callback is None:
@@ -98,6 +99,13 @@ class MergeAdapters(L.Callback):
         if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
             raise ValueError(f"MergeAdapters: cannot write the merged model to {folder}: {parent} is not writable; "
                              f"choose another output_dir")
+        if parent is not None:
+            # the merged model is about the size of the backbone's weights (written beside the old folder first)
+            need = sum(p.numel() * p.element_size() for p in pl_module.parameters())
+            free = shutil.disk_usage(parent).free
+            if free < need:
+                raise ValueError(f"MergeAdapters: {parent} has {free / 2**20:,.0f} MiB free, but the merged model needs "
+                                 f"about {need / 2**20:,.0f} MiB; free some space or choose another output_dir")
 
     def resolve_dir(self, trainer: L.Trainer) -> Path:
         if self.output_dir is not None:

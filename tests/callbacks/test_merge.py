@@ -162,6 +162,18 @@ def test_merge_adapters_best_without_checkpoint_raises(tmp_path, digits):
     with pytest.raises(ValueError, match=r"output_dir .*a-file is a file, not a folder"):
         run.fit(make_module(BOFT(block_size=8)), datamodule=digits)
     assert run.global_step == 0
+
+
+def test_merge_adapters_full_disk_fails_at_setup(tmp_path, digits, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    run = trainer(tmp_path, [MergeAdapters(output_dir=str(tmp_path / "merged"))], max_steps=1)
+    with pytest.raises(ValueError, match=r"has 0 MiB free, but the merged model needs about .* MiB"):
+        run.fit(make_module(BOFT(block_size=8)), datamodule=digits)
+    assert run.global_step == 0
     with pytest.raises(ValueError, match="weights"):
         MergeAdapters(weights="last")
 
