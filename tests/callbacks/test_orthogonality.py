@@ -76,7 +76,11 @@ def test_orthogonality_check_raise(tmp_path, digits):
     assert run.global_step == 1
 
 
-def test_orthogonality_check_every_n_steps(tmp_path, digits, monkeypatch):
+@pytest.mark.parametrize("every, accumulate, expected", [(2, 1, [2, 4]), (1, 3, [1, 2, 3])],
+                         ids=["every-2-steps", "once-per-optimiser-step-under-accumulation"])
+def test_orthogonality_check_every_n_steps(tmp_path, digits, monkeypatch, every, accumulate, expected):
+    """Checks fall on optimiser steps: every ``every_n_steps``, and once per step (not per micro-batch) under
+    gradient accumulation."""
     steps = []
     original = OrthogonalityCheck.check
 
@@ -85,9 +89,10 @@ def test_orthogonality_check_every_n_steps(tmp_path, digits, monkeypatch):
         return original(self, trainer, pl_module)
 
     monkeypatch.setattr(OrthogonalityCheck, "check", spy)
-    run = trainer(tmp_path, [OrthogonalityCheck(every_n_steps=2)], max_steps=5)
+    run = trainer(tmp_path, [OrthogonalityCheck(every_n_steps=every)], max_steps=5 if every == 2 else 3,
+                  accumulate_grad_batches=accumulate)
     run.fit(boft_module(), datamodule=digits)
-    assert steps == [2, 4]
+    assert steps == expected
 
 
 def test_orthogonality_check_lora_is_a_no_op(tmp_path, digits, lightning_log, monkeypatch):
@@ -126,20 +131,6 @@ def test_orthogonality_check_nan_blocks_are_a_violation(tmp_path, digits, monkey
     check = OrthogonalityCheck(every_n_steps=1, action="raise")
     with pytest.raises(OrthogonalityError, match=r"nan \(not finite\) violates tolerance"):
         trainer(tmp_path, [check], max_steps=3).fit(boft_module(), datamodule=digits)
-
-
-def test_orthogonality_check_once_per_optimiser_step_under_accumulation(tmp_path, digits, monkeypatch):
-    steps = []
-    original = OrthogonalityCheck.check
-
-    def spy(self, trainer, pl_module):
-        steps.append(trainer.global_step)
-        return original(self, trainer, pl_module)
-
-    monkeypatch.setattr(OrthogonalityCheck, "check", spy)
-    run = trainer(tmp_path, [OrthogonalityCheck(every_n_steps=1)], max_steps=3, accumulate_grad_batches=3)
-    run.fit(boft_module(), datamodule=digits)
-    assert steps == [1, 2, 3]
 
 
 def _stop_decision_worker(rank, world, port, errors):
