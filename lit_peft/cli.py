@@ -150,6 +150,16 @@ class LitPeftCLI(LightningCLI):
             except (RuntimeError, ValueError) as err:
                 raise SystemExit(f"lit_peft: test_after_fit: {when} would fail after the whole fit: {err}") from None
 
+    def before_predict(self) -> None:
+        """``predict`` writes its predictions (``lit_peft.callbacks.PredictionWriter``) unless a prediction writer is
+        configured already."""
+        from lightning.pytorch.callbacks import BasePredictionWriter
+
+        from .callbacks import PredictionWriter
+
+        if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionWriter())
+
     def after_fit(self) -> None:
         when = self.config.get(self.subcommand, {}).get("test_after_fit")
         if when is None or self.trainer.interrupted:

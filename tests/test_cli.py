@@ -181,3 +181,24 @@ def test_help_names_the_command_and_no_args_warning(tmp_path):
     out = subprocess.run([sys.executable, "-m", "lit_peft", "fit", "--model.help", "ViTClassifier"], cwd=tmp_path,
                          env=cli_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "--model.checkpoint_path" in out.stdout, out.stderr[-2000:]
+
+
+def test_predict_writes_every_prediction_and_says_where(tmp_path):
+    """``predict`` used to exit 0 having printed and saved nothing: now one JSON line per test image, with its path,
+    class and probabilities, in the run folder, and the path printed."""
+    import json
+
+    data_root = make_vtab_task(tmp_path / "vtab")
+    adapter = {"class_path": "lit_peft.adapters.LoRA", "init_args": {"rank": 2}}
+    config = write_config(tmp_path, data_root, adapter, max_epochs=1, name="pred")
+    run_cli("fit", "--config", str(config), "--test_after_fit=null", cwd=tmp_path)
+    checkpoint = tmp_path / "runs" / "pred" / "version_0" / "checkpoints" / "last.ckpt"
+    output = run_cli("predict", "--config", str(config), "--ckpt_path", str(checkpoint), cwd=tmp_path)
+    match = re.search(r"PredictionWriter: 8 predictions written to (\S+)", output)
+    assert match, output[-2000:]
+    rows = [json.loads(line) for line in Path(match.group(1)).read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(8))
+    assert [r["id"] for r in rows] == [f"images/test_{i}.png" for i in range(8)]
+    for row in rows:
+        assert row["prediction"] in (0, 1) and row["prediction"] == max(range(2), key=row["probabilities"].__getitem__)
+        assert abs(sum(row["probabilities"]) - 1) < 1e-5

@@ -99,6 +99,10 @@ class ImageListDataset(Dataset):
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise OSError(f"cannot read image file {path} (listed at {where}): {e}") from e
 
+    def item_id(self, index: int) -> str:
+        """The image's path as listed (what prediction files name each row by)."""
+        return self.samples[index][0]
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
         img = self.load_image(index)
         if self.transform is not None:
@@ -280,6 +284,10 @@ class PromptDataset(Dataset):
         self.answers = list(answers)
         self.indices = [int(i) for i in indices]
         self.prompts = list(prompts)
+
+    def item_id(self, index: int) -> int:
+        """The row of the eval data this prompt came from."""
+        return self.indices[index]
 
     def __len__(self) -> int:
         return len(self.input_ids)

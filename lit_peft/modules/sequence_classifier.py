@@ -182,5 +182,8 @@ class SequenceClassifierModule(HFAdaptedModule):
         self._evaluate(batch, "test")
 
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        logits = self.model(**self._inputs(batch)).logits
-        return logits.squeeze(-1) if self.num_labels == 1 else logits.argmax(dim=-1)
+        """One ``{"prediction": class index, "probabilities": softmax}`` per example (regression: the score)."""
+        logits = self.model(**self._inputs(batch)).logits.float()
+        if self.num_labels == 1:
+            return [{"prediction": float(v)} for v in logits.squeeze(-1)]
+        return [{"prediction": int(p.argmax()), "probabilities": p.tolist()} for p in logits.softmax(dim=-1)]

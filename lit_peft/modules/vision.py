@@ -156,5 +156,8 @@ class ViTClassifier(AdaptedModule):
         self.log("test_acc", self.test_acc)
 
     def predict_step(self, batch, batch_idx):
+        """One ``{"prediction": class index, "probabilities": softmax}`` per image (``PredictionWriter`` adds the
+        image's index and path)."""
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(images).argmax(dim=-1)
+        probabilities = self(images).float().softmax(dim=-1)
+        return [{"prediction": int(p.argmax()), "probabilities": p.tolist()} for p in probabilities]
