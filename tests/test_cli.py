@@ -77,7 +77,8 @@ def test_fit_writes_everything_and_merged_model_reproduces(tmp_path, method):
 
     # the merged model in a plain timm model reproduces the adapted model's predictions
     merged_dir = version / "merged"
-    assert {p.name for p in merged_dir.iterdir()} == {"model.safetensors", "model_config.json", "adapter"}
+    assert {p.name for p in merged_dir.iterdir()} == {"model.safetensors", "config.json", "model_config.json",
+                                                      "adapter"}
     plain = timm.create_model(BACKBONE, pretrained=False, num_classes=2, img_size=32, **TINY)
     plain.load_state_dict(load_file(merged_dir / "model.safetensors"), strict=True)
     plain.eval()
@@ -90,6 +91,10 @@ def test_fit_writes_everything_and_merged_model_reproduces(tmp_path, method):
         adapted_logits, merged_logits = module(images), plain(images)
     torch.testing.assert_close(merged_logits, adapted_logits, rtol=1e-4, atol=1e-5)
     assert torch.equal(merged_logits.argmax(-1), adapted_logits.argmax(-1))
+    # timm's own folder convention: the folder alone rebuilds the merged model
+    local = timm.create_model(f"local-dir:{merged_dir}", pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(local(images), merged_logits, rtol=0, atol=0)
     if method == "svft":
         assert len(list((tmp_path / "svd").glob("*.safetensors"))) == 2 * 6  # q, k, v, proj, fc1, fc2 per block
 

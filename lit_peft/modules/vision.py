@@ -10,10 +10,9 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..files import atomic_write
+from ..files import atomic_write, atomic_write_folder
 from ..handover import DataInfo, ModelInfo
 from .base import AdaptedModule
 
@@ -125,10 +124,13 @@ class ViTClassifier(AdaptedModule):
         return model(batch[0])
 
     def save_merged_model(self, model: torch.nn.Module, folder: Path) -> None:
-        """``model.safetensors`` (loads with ``timm.create_model(backbone, **kwargs).load_state_dict``) and
-        ``model_config.json`` naming the backbone and those kwargs."""
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        """timm's own folder layout (``timm.models.save_for_hf``): ``config.json`` (architecture, num_classes, the
+        model arguments, pretrained_cfg) and ``model.safetensors``, so ``timm.create_model("local-dir:<folder>",
+        pretrained=True)`` rebuilds the merged model with nothing else; plus ``model_config.json`` naming the backbone
+        and its ``create_model`` arguments (``timm.create_model(backbone, **kwargs).load_state_dict`` works too)."""
+        model = model.cpu()
+        atomic_write_folder(folder, lambda tmp: timm.models.save_for_hf(model, str(tmp), safe_serialization=True),
+                            merge=True)
         config = {"library": "timm", "backbone": self.backbone, "create_model_kwargs": self.plain_model_kwargs()}
         atomic_write(folder / "model_config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
 
