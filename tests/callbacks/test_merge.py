@@ -42,8 +42,8 @@ def test_merge_adapters_writes_a_plain_model(method, tmp_path, digits, images):
     assert merge.written == out
     assert merge.last_difference is not None and merge.last_difference <= 1e-4
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert files == ["adapter/adapter.safetensors", "adapter/adapter_config.json", "model.safetensors",
-                     "model_config.json"]
+    assert files == ["adapter/adapter.safetensors", "adapter/adapter_config.json", "config.json",
+                     "model.safetensors", "model_config.json"]
     assert no_temp_files(out) == []
     # The adapters trained, so the merged model is not the base model.
     trained = [p for layer in adapted_layers(module.model).values()
