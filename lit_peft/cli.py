@@ -201,6 +201,10 @@ def entry_point() -> None:
     """``python -m lit_peft`` and the ``lit-peft`` command: :func:`main` under torchelastic's ``record``, so a rank's
     exception reaches torchrun's failure summary (its traceback in place of "error_file: <N/A>"), and returning
     ``None``, not the CLI object, which a console script would pass to ``sys.exit`` as a failure."""
+    if sys.argv[1:2] == ["plot"]:  # not a Lightning subcommand: curves of finished runs (lit_peft.plot)
+        from .plot import main as plot_main
+
+        raise SystemExit(plot_main(sys.argv[2:]))
     from torch.distributed.elastic.multiprocessing.errors import record
 
     record(main)()
