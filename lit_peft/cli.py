@@ -113,6 +113,22 @@ class LitPeftCLI(LightningCLI):
     ``test_after_fit`` to test in the same run (``final``: the weights at the end of fit, the BOFT VTAB protocol;
     ``best``: the best checkpoint of a ``ModelCheckpoint``, the SVFT few-shot protocol)."""
 
+    _argv: list[str] | None = None
+
+    def before_instantiate_classes(self) -> None:
+        """Warn when the adapter class chosen on the command line differs from the configs' and keeps some of their
+        adapter ``init_args`` (jsonargparse carries over every argument the new class also has)."""
+        carried = carried_adapter_args(sys.argv[1:] if self._argv is None else self._argv, self.config)
+        if carried:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            old, new, args = carried
+            rank_zero_warn(f"lit_peft: the adapter is {new} (command line), not the config's {old}, and it keeps these "
+                           f"init_args of the config's adapter: "
+                           + ", ".join(f"{k}={v!r}" for k, v in args.items())
+                           + "; give them on the command line (--model.init_args.adapter.init_args.<name>) to change "
+                             "them")
+
     def instantiate_classes(self) -> None:
         """Build the model, data and trainer, then hand model and data over to each other (:mod:`lit_peft.handover`),
         so a disagreement (a class count) fails before any work and ``num_labels: null`` builds the classifier."""
@@ -167,6 +183,62 @@ class LitPeftCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if when == "best" else None)
 
 
+def carried_adapter_args(argv: Sequence[str], config) -> tuple[str, str, dict] | None:
+    """``(config's adapter class, chosen class, carried init_args)`` when a command-line ``--model.init_args.adapter``
+    switches the class that the ``--config`` files set and some of their adapter arguments are kept; else ``None``."""
+    import yaml
+
+    yaml_adapter, cli_class, cli_keys = None, None, set()
+    args = list(argv)
+    for i, arg in enumerate(args):
+        key, _, value = arg.partition("=")
+        if not _ and i + 1 < len(args):
+            value = args[i + 1]
+        if key in ("--config", "-c") and os.path.isfile(value):
+            with open(value, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+            adapter = (((loaded.get("model") or {}).get("init_args") or {}).get("adapter")
+                       if isinstance(loaded, dict) else None)
+            if isinstance(adapter, dict) and adapter.get("class_path"):
+                yaml_adapter = adapter
+        elif key in ("--model.init_args.adapter", "--model.init_args.adapter.class_path"):
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                parsed = value
+            cli_class = parsed.get("class_path") if isinstance(parsed, dict) else parsed
+            if isinstance(parsed, dict):
+                cli_keys |= set((parsed.get("init_args") or {}))
+        elif key.startswith("--model.init_args.adapter.init_args."):
+            cli_keys.add(key.rsplit(".", 1)[1])
+    if yaml_adapter is None or not isinstance(cli_class, str):
+        return None
+    old, new = yaml_adapter["class_path"], full_class_path(cli_class)
+    if old.rsplit(".", 1)[-1] == new.rsplit(".", 1)[-1]:
+        return None
+    final = _model_init_args(config).get("adapter") or {}
+    final_args = final.get("init_args") or {} if isinstance(final, dict) else {}
+    defaults = {}
+    try:  # a carried value equal to the new class's default changes nothing: not worth a warning
+        import importlib
+        import inspect
+
+        module_name, _, class_name = new.rpartition(".")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        defaults = {name: p.default for name, p in inspect.signature(cls).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+    except (ImportError, AttributeError, ValueError, TypeError):
+        pass
+    carried = {k: v for k, v in (yaml_adapter.get("init_args") or {}).items()
+               if k in final_args and k not in cli_keys and final_args[k] == v
+               and not (k in defaults and _same(defaults[k], v))}
+    return (old.rsplit(".", 1)[-1], new.rsplit(".", 1)[-1], carried) if carried else None
+
+
+def _same(a, b) -> bool:
+    return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
+
+
 def _model_init_args(config) -> dict:
     """The model's ``init_args`` of the parsed config, as plain values (empty when there is none)."""
     sub = config.get("subcommand")
@@ -185,6 +257,7 @@ def main(args: Sequence[str] | None = None) -> LitPeftCLI:
         cli_args = None
     else:
         cli_args = resolve_help_args(resolve_config_args(args))
+    LitPeftCLI._argv = None if args is None else list(cli_args)
     return LitPeftCLI(
         L.LightningModule,
         L.LightningDataModule,

@@ -207,3 +207,30 @@ def test_predict_writes_every_prediction_and_says_where(tmp_path):
     for row in rows:
         assert row["prediction"] in (0, 1) and row["prediction"] == max(range(2), key=row["probabilities"].__getitem__)
         assert abs(sum(row["probabilities"]) - 1) < 1e-5
+
+
+def test_switching_the_adapter_on_the_command_line_names_the_carried_arguments(tmp_path):
+    """``--model.init_args.adapter LoRA`` over a BOFT config keeps BOFT's ``dropout`` (jsonargparse carries every
+    argument the new class also has): a warning names it; arguments given on the command line or equal to the new
+    class's default are not named."""
+    import subprocess
+    import sys
+
+    from helpers.cli import cli_env
+
+    data_root = make_vtab_task(tmp_path / "vtab")
+    adapter = {"class_path": "lit_peft.adapters.BOFT",
+               "init_args": {"block_size": 8, "n_butterfly_factors": 2, "dropout": 0.1, "target_modules": ["qkv"]}}
+    config = write_config(tmp_path, data_root, adapter, max_epochs=1, name="switch")
+    quick = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--test_after_fit", "null"]
+    out = subprocess.run([sys.executable, "-m", "lit_peft", "fit", "--config", str(config), *quick,
+                          "--model.init_args.adapter", "LoRA"], cwd=tmp_path, env=cli_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"the adapter is LoRA \(command line\), not the config's BOFT, and it keeps these init_args of "
+                     r"the config's adapter: dropout=0\.1, target_modules=\['qkv'\]", out.stderr), out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-m", "lit_peft", "fit", "--config", str(config), *quick,
+                          "--model.init_args.adapter", "LoRA", "--model.init_args.adapter.init_args.dropout", "0.0",
+                          "--model.init_args.adapter.init_args.target_modules", "[qkv]"],
+                         cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "keeps these init_args" not in out.stderr, out.stderr[-2000:]

@@ -126,7 +126,9 @@ def test_single_ddp_fsdp2_agree_on_llama(llama_workdir, llama_dir, method):
         assert result["predictions"] == single["predictions"], run
         assert_tensors_close(result["merged"], single["merged"], f"{run}: merged")
         assert_tensors_close(result["adapter"], single["adapter"], f"{run}: adapter")
-        assert result["adapter_config"] == single["adapter_config"], run
+        # the same config; the tensors' digest differs as they are close, not bit-identical
+        assert ({k: v for k, v in result["adapter_config"].items() if k != "tensors_sha256"}
+                == {k: v for k, v in single["adapter_config"].items() if k != "tensors_sha256"}), run
         if method == "boft":  # the peft export, also from the sharded run
             assert peft_config(result["peft"]) == peft_config(single["peft"]), run
             assert_tensors_close(load_file(result["peft"] / "adapter_model.safetensors"),
