@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_peft.adapters import adapted_layers, find_strategy, merged_state_dict
-from lit_peft.adapters.io import adapter_config, adapter_state_dict, write_adapter
+from lit_peft.adapters.io import adapter_config, adapter_state_dict, nonfinite_tensors, write_adapter
 from lit_peft.files import atomic_write_folder
 
 
@@ -152,9 +152,9 @@ class MergeAdapters(L.Callback):
     @staticmethod
     def _refuse_nonfinite(trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> None:
         """Every rank looks at its own (local, possibly sharded) adapter tensors; the ranks decide together."""
-        bad = [f"{name}.adapters.{key}" for name, layer in adapted_layers(pl_module.model).items()
-               for key, t in layer.adapters.state_dict().items()
-               if t.is_floating_point() and not bool(torch.isfinite(getattr(t, "_local_tensor", t)).all())]
+        bad = nonfinite_tensors({f"{name}.adapters.{key}": getattr(t, "_local_tensor", t)
+                                 for name, layer in adapted_layers(pl_module.model).items()
+                                 for key, t in layer.adapters.state_dict().items()})
         refuse = trainer.strategy.reduce_boolean_decision(bool(bad), all=False) if trainer.world_size > 1 else bool(bad)
         if refuse:
             raise ValueError(f"MergeAdapters: refusing to merge: adapter tensors hold NaN or infinite values"
