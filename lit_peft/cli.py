@@ -51,8 +51,9 @@ def _check_yaml(path: str) -> None:
 
 
 #: Modules whose public classes may be named by their short name where jsonargparse wants an import path.
-_SHORT_NAME_MODULES = ("lit_peft.modules", "lit_peft.data", "lit_peft.adapters", "lit_peft.callbacks", "torch.optim",
-                       "lightning.pytorch.callbacks", "lightning.pytorch.loggers", "lightning.pytorch.strategies")
+_SHORT_NAME_MODULES = ("lit_peft.modules", "lit_peft.data", "lit_peft.adapters", "lit_peft.callbacks", "lit_peft.loggers",
+                       "torch.optim", "lightning.pytorch.callbacks", "lightning.pytorch.loggers",
+                       "lightning.pytorch.strategies")
 
 
 def full_class_path(name: str) -> str:
@@ -116,8 +117,14 @@ class LitPeftCLI(LightningCLI):
     _argv: list[str] | None = None
 
     def before_instantiate_classes(self) -> None:
-        """Warn when the adapter class chosen on the command line differs from the configs' and keeps some of their
+        """Put the adapter's tag in place of ``{adapter}`` in the trainer's settings (run folders, logger names), and
+        warn when the adapter class chosen on the command line differs from the configs' and keeps some of their
         adapter ``init_args`` (jsonargparse carries over every argument the new class also has)."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        trainer = config.get("trainer") if config is not None else None
+        if trainer is not None:  # run folders named after the adapter actually used: {adapter} in the trainer's
+            fill_adapter_placeholder(trainer, adapter_tag(_model_init_args(self.config).get("adapter")))
+            hide_rich_progress_bar(trainer)
         carried = carried_adapter_args(sys.argv[1:] if self._argv is None else self._argv, self.config)
         if carried:
             from lightning.pytorch.utilities import rank_zero_warn
@@ -233,6 +240,68 @@ def carried_adapter_args(argv: Sequence[str], config) -> tuple[str, str, dict] |
                if k in final_args and k not in cli_keys and final_args[k] == v
                and not (k in defaults and _same(defaults[k], v))}
     return (old.rsplit(".", 1)[-1], new.rsplit(".", 1)[-1], carried) if carried else None
+
+
+#: The placeholder of a config's run folders that becomes the adapter's tag (``AdapterStrategy.tag``)
+ADAPTER_PLACEHOLDER = "{adapter}"
+
+
+def adapter_tag(adapter) -> str:
+    """The tag of the configured adapter (``{class_path, init_args}``, parsed or plain; ``None``: the head alone):
+    ``lora_r8``, ``boft_m2b8``, ``svft_banded_d2``, ``head_only``. Arguments the adapter would refuse give the
+    lower-cased class name here (the refusal comes when the model is built, with its message)."""
+    if adapter is None:
+        return "head_only"
+    if hasattr(adapter, "as_dict"):
+        adapter = adapter.as_dict()
+    class_path = adapter.get("class_path") if isinstance(adapter, dict) else None
+    if not isinstance(class_path, str):
+        return "adapter"
+    import importlib
+
+    module_name, _, class_name = full_class_path(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+        return str(cls(**dict(adapter.get("init_args") or {})).tag)
+    except Exception:  # noqa: BLE001 - any refusal is reported when the model is built
+        return class_name.lower()
+
+
+def fill_adapter_placeholder(value, tag: str):
+    """``value`` (a parsed config subtree: namespaces, lists, dicts, strings) with every ``{adapter}`` in its
+    strings replaced by ``tag``, in place where it can be; other braces (``{epoch}`` of a checkpoint file name)
+    are left alone."""
+    if isinstance(value, str):
+        return value.replace(ADAPTER_PLACEHOLDER, tag)
+    if isinstance(value, list):
+        value[:] = [fill_adapter_placeholder(v, tag) for v in value]
+        return value
+    if isinstance(value, dict):
+        for k in list(value):
+            value[k] = fill_adapter_placeholder(value[k], tag)
+        return value
+    if hasattr(value, "__dict__") and type(value).__name__ == "Namespace":
+        for k, v in list(vars(value).items()):
+            setattr(value, k, fill_adapter_placeholder(v, tag))
+    return value
+
+
+def hide_rich_progress_bar(trainer) -> None:
+    """``enable_progress_bar: false`` with a ``lit_peft.callbacks.RichProgress`` in the callbacks (every shipped
+    config has one): Lightning refuses any progress-bar callback then, so the bar is hidden instead (its
+    ``refresh_rate: 0``) and the trainer keeps the callback, whose per-epoch metric lines still print
+    (``epoch_lines: false`` hides them too)."""
+    if trainer.get("enable_progress_bar") is not False:
+        return
+    found = False
+    for callback in trainer.get("callbacks") or []:
+        class_path = callback.get("class_path") if hasattr(callback, "get") else None
+        if isinstance(class_path, str) and full_class_path(class_path) in (
+                "lit_peft.callbacks.RichProgress", "lit_peft.callbacks.progress.RichProgress"):
+            callback.init_args.refresh_rate = 0
+            found = True
+    if found:
+        trainer.enable_progress_bar = True
 
 
 def _same(a, b) -> bool:

@@ -13,13 +13,14 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from safetensors.torch import save_file
 
 from .files import atomic_write
@@ -41,25 +42,58 @@ def pretrain_digits_backbone(path: Path, backbone: str, model_kwargs: dict[str, 
     data = DigitsDataModule(classes=classes, img_size=img_size, seed=seed, batch_size=64, num_workers=0,
                             mean=config["mean"], std=config["std"])
     data.setup("fit")
-    return train_classifier(model, data.train_dataloader, data.val_dataloader(), epochs, path)
+    with pretraining_progress(epochs) as progress:
+        return train_classifier(model, data.train_dataloader, data.val_dataloader(), epochs, path, progress)
+
+
+@contextmanager
+def pretraining_progress(epochs: int, lines: int = 6):
+    """A ``progress(epoch, loss)`` for :func:`train_classifier` that shows the demo's pretraining: a rich bar in a
+    terminal (rank 0), and about ``lines`` printed lines (every one in a log file too)."""
+    from rich import get_console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    every = max(1, epochs // max(1, lines))
+    console = get_console()
+    show = rank_zero_only.rank == 0
+    bar = Progress(TextColumn("demo: pretraining"), BarColumn(), TextColumn("epoch {task.completed}/{task.total}"),
+                   TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                   console=console, transient=True, disable=not (show and console.is_terminal))
+    start = time.perf_counter()
+    with bar:
+        task = bar.add_task("pretraining", total=epochs, loss="–")
+
+        def progress(epoch: int, loss: float) -> None:
+            bar.update(task, completed=epoch, loss=f"{loss:.3f}")
+            if show and (epoch % every == 0 or epoch == epochs):
+                console.print(f"demo: pretraining epoch {epoch}/{epochs} · loss {loss:.3f} · "
+                              f"{time.perf_counter() - start:.0f} s", highlight=False, markup=False, soft_wrap=True)
+
+        yield progress
 
 
 def train_classifier(model: torch.nn.Module, train_loader: Callable[[], Iterable], val_loader: Iterable,
-                     epochs: int, path: Path) -> float:
+                     epochs: int, path: Path, progress: Callable[[int, float], None] | None = None) -> float:
     """Train ``model`` from scratch (AdamW 2e-3, one-cycle schedule) on the batches of ``train_loader()`` (called
     once per epoch), save its weights to ``path`` and return its accuracy on ``val_loader``: the demo's (and the
-    comparison harness's) stand-in for a hub checkpoint."""
+    comparison harness's) stand-in for a hub checkpoint. ``progress(epoch, mean loss)`` is called after each
+    epoch (1-based)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     steps = epochs * len(train_loader())
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        total = count = 0.0
         for images, labels in train_loader():
             loss = F.cross_entropy(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
+            total += loss.item() * len(labels)
+            count += len(labels)
+        if progress is not None:
+            progress(epoch + 1, total / max(1.0, count))
     model.eval()
     correct = total = 0
     with torch.no_grad():

@@ -223,10 +223,14 @@ def test_switching_the_adapter_on_the_command_line_names_the_carried_arguments(t
                "init_args": {"block_size": 8, "n_butterfly_factors": 2, "dropout": 0.1, "target_modules": ["qkv"]}}
     config = write_config(tmp_path, data_root, adapter, max_epochs=1, name="switch")
     quick = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--test_after_fit", "null"]
-    out = subprocess.run([sys.executable, "-m", "lit_peft", "fit", "--config", str(config), *quick,
+    named = ["--trainer.logger.init_args.name", "switch-{adapter}", "--trainer.default_root_dir", "runs/{adapter}"]
+    out = subprocess.run([sys.executable, "-m", "lit_peft", "fit", "--config", str(config), *quick, *named,
                           "--model.init_args.adapter", "LoRA"], cwd=tmp_path, env=cli_env(), capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+    # the run folder is named after the adapter used (LoRA's default rank 8), not the config's BOFT
+    assert (tmp_path / "runs" / "switch-lora_r8" / "version_0" / "metrics.csv").is_file()
+    assert not list((tmp_path / "runs").glob("switch-boft*"))
     assert re.search(r"the adapter is LoRA \(command line\), not the config's BOFT, and it keeps these init_args of "
                      r"the config's adapter: dropout=0\.1, target_modules=\['qkv'\]", out.stderr), out.stderr[-2000:]
     out = subprocess.run([sys.executable, "-m", "lit_peft", "fit", "--config", str(config), *quick,
@@ -234,3 +238,24 @@ def test_switching_the_adapter_on_the_command_line_names_the_carried_arguments(t
                           "--model.init_args.adapter.init_args.target_modules", "[qkv]"],
                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "keeps these init_args" not in out.stderr, out.stderr[-2000:]
+
+
+def test_adapter_placeholder_becomes_the_tag_of_the_adapter_used():
+    """``{adapter}`` in the trainer's settings becomes ``AdapterStrategy.tag``; other braces stay (a checkpoint's
+    ``{epoch}``); an adapter whose arguments it would refuse still names the folder (the refusal comes later)."""
+    from jsonargparse import Namespace
+
+    from lit_peft.cli import adapter_tag, fill_adapter_placeholder
+
+    assert adapter_tag({"class_path": "BOFT", "init_args": {"block_size": 4, "n_butterfly_factors": 3}}) == "boft_m3b4"
+    assert adapter_tag({"class_path": "lit_peft.adapters.SVFT", "init_args": {"pattern": "banded"}}) == "svft_banded_d2"
+    assert adapter_tag(Namespace(class_path="lit_peft.adapters.LoRA", init_args=Namespace(rank=4))) == "lora_r4"
+    assert adapter_tag({"class_path": "OFT", "init_args": {"block_size": -1}}) == "oft"
+    assert adapter_tag(None) == "head_only"
+    trainer = Namespace(default_root_dir="runs/{adapter}/cifar100",
+                        logger=Namespace(class_path="CSVLogger", init_args=Namespace(name="{adapter}")),
+                        callbacks=[Namespace(class_path="ModelCheckpoint",
+                                             init_args=Namespace(filename="{adapter}-{epoch}"))])
+    fill_adapter_placeholder(trainer, "vera_r256")
+    assert trainer.default_root_dir == "runs/vera_r256/cifar100" and trainer.logger.init_args.name == "vera_r256"
+    assert trainer.callbacks[0].init_args.filename == "vera_r256-{epoch}"

@@ -177,7 +177,8 @@ def test_paper_config_house_style(path):
     assert isinstance(seed, int) and not isinstance(seed, bool)
     trainer = written["trainer"]
     assert trainer["precision"] == "bf16-mixed" and trainer["accelerator"] == "auto" and trainer["devices"] == 1
-    assert trainer["logger"]["class_path"] == "lightning.pytorch.loggers.CSVLogger"
+    assert trainer["logger"]["class_path"] == "lit_peft.loggers.CSVTensorBoardLogger"
+    assert trainer["logger"]["init_args"]["tensorboard"] is True
     model = written["model"]["init_args"]
     assert model["pretrained"] is True and model["img_size"] == 224
     optimizer = model["optimizer"]

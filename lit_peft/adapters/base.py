@@ -324,6 +324,12 @@ class AdapterStrategy:
         args = ", ".join(f"{k}={v!r}" for k, v in self.init_args().items())
         return f"{type(self).__name__}({args})"
 
+    @property
+    def tag(self) -> str:
+        """A short name of the method and its defining sizes (``lora_r8``, ``boft_m2b8``, ``svft_banded_d2``): what
+        ``{adapter}`` becomes in a config's run folders, and the method folder names of ``scripts/collect_results.py``."""
+        return type(self).__name__.lower()
+
     # -- hooks for subclasses ----------------------------------------------------------------------------------
     def check_layer(self, name: str, linear: nn.Linear, parts: Mapping[str, tuple[int, int]]) -> list[str]:
         """Problems (as messages naming ``name``) that prevent adapting this layer; empty if none."""

@@ -336,6 +336,10 @@ class BOFT(AdapterStrategy):
         target_modules, trainable_modules, fused_qkv: see :class:`~lit_peft.adapters.base.AdapterStrategy`.
     """
 
+    @property
+    def tag(self) -> str:
+        return f"boft_m{self.n_butterfly_factors}b{self.block_size}"
+
     def __init__(self, block_size: int = 8, n_butterfly_factors: int = 2, dropout: float = 0.0,
                  scale: bool = True, train_bias: bool = False, cayley: Literal["exact", "neumann"] = "exact",
                  neumann_terms: int = 5, side: Side = "auto", target_modules: TargetSpec = "all-linear",
@@ -384,6 +388,10 @@ class OFT(BOFT):
 
     Args: as :class:`BOFT`, without ``n_butterfly_factors``.
     """
+
+    @property
+    def tag(self) -> str:
+        return f"oft_b{self.block_size}"
 
     def __init__(self, block_size: int = 16, dropout: float = 0.0, scale: bool = True, train_bias: bool = False,
                  cayley: Literal["exact", "neumann"] = "exact", neumann_terms: int = 5, side: Side = "auto",

@@ -120,6 +120,10 @@ class LoRA(AdapterStrategy):
 
     layer_class = LoRALinear
 
+    @property
+    def tag(self) -> str:
+        return f"{type(self).__name__.lower()}_r{self.rank}"
+
     def __init__(self, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  target_modules: TargetSpec = "all-linear", trainable_modules: list[str] | tuple[str, ...] = (),
                  fused_qkv: Literal["split", "joint"] = "split"):

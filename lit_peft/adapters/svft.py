@@ -250,6 +250,10 @@ class SVFT(AdapterStrategy):
         target_modules, trainable_modules, fused_qkv: see :class:`~lit_peft.adapters.base.AdapterStrategy`.
     """
 
+    @property
+    def tag(self) -> str:
+        return f"svft_{self.pattern}" + ("" if self.pattern == "plain" else f"_d{self.off_diag}")
+
     def __init__(self, pattern: Pattern = "plain", off_diag: int = 2, init: Literal["zero", "gated"] = "zero",
                  seed: int = 0, svd_dtype: Literal["float32", "float64"] = "float32", side: Side = "auto",
                  target_modules: TargetSpec = "all-linear",

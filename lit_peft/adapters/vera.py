@@ -94,6 +94,10 @@ class VeRA(AdapterStrategy):
         target_modules, trainable_modules, fused_qkv: see :class:`~lit_peft.adapters.base.AdapterStrategy`.
     """
 
+    @property
+    def tag(self) -> str:
+        return f"vera_r{self.rank}"
+
     def __init__(self, rank: int = 256, d_init: float = 0.1, dropout: float = 0.0, seed: int = 0,
                  target_modules: TargetSpec = "all-linear", trainable_modules: list[str] | tuple[str, ...] = (),
                  fused_qkv: Literal["split", "joint"] = "split"):

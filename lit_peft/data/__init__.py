@@ -1,7 +1,8 @@
 """Data modules of lit_peft.
 
 Vision: VTAB-1k (:class:`VTABDataModule`, prepared list-file layout or torchvision), SVFT few-shot
-(:class:`FewShotDataModule`) and the scikit-learn digits demo (:class:`DigitsDataModule`). Every module yields
+(:class:`FewShotDataModule`), your own images in torchvision's ImageFolder layout (:class:`ImageFolderDataModule`)
+and the scikit-learn digits demo (:class:`DigitsDataModule`). Every module yields
 ``(images, labels)`` batches and exposes ``num_classes``.
 
 Text, for the LLM and GLUE experiments: instruction tuning (MetaMathQA-40K, Commonsense-15K) with generation-based
@@ -28,6 +29,7 @@ from lit_peft.data.datasets import (
 from lit_peft.data.digits import DigitsDataModule
 from lit_peft.data.fewshot import FewShotDataModule
 from lit_peft.data.glue import GLUEDataModule
+from lit_peft.data.imagefolder import ImageFolderDataModule
 from lit_peft.data.instruction import InstructionDataModule
 from lit_peft.data.sources import load_split
 from lit_peft.data.tasks import (
@@ -53,6 +55,7 @@ __all__ = [
     "DigitsDataModule",
     "FewShotDataModule",
     "HFImageDataset",
+    "ImageFolderDataModule",
     "ImageListDataset",
     "VTABDataModule",
     "eval_transform",

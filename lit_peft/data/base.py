@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_peft.handover import DataInfo, ModelInfo, connect_from_trainer
 
-from .sampling import make_loader
+from .sampling import LAST_BATCH_MODES, make_loader
 from .transforms import _check_norm_arg, resolve_normalization
 
 #: What a "not built" loader error tells the user to do, unless the loader says otherwise.
@@ -68,11 +68,14 @@ class LitPeftDataModule(L.LightningDataModule):
             (:meth:`connect_model`); ``None`` until a model is connected.
     """
 
-    def __init__(self, *, num_workers: int, seed: int) -> None:
+    def __init__(self, *, num_workers: int, seed: int, last_batch: str = "pad") -> None:
         super().__init__()
         _check_int("num_workers", num_workers, minimum=0)
+        if last_batch not in LAST_BATCH_MODES:
+            raise _unknown("last_batch", last_batch, LAST_BATCH_MODES)
         self.num_workers = num_workers
         self.seed = int(seed)
+        self.last_batch = last_batch
         self.connected_model: ModelInfo | None = None
 
     # -- the hand-over -------------------------------------------------------------------------------------------
@@ -110,7 +113,8 @@ class LitPeftDataModule(L.LightningDataModule):
                 shuffle: bool = False, fix: str = _SETUP_FIRST) -> DataLoader:
         if ds is None:
             raise RuntimeError(f"{type(self).__name__}: the {what} is not built; {fix}")
-        return make_loader(ds, batch_size, shuffle, self.seed, self.num_workers, collate_fn=collate)
+        return make_loader(ds, batch_size, shuffle, self.seed, self.num_workers, collate_fn=collate,
+                           last_batch=self.last_batch)
 
 
 class ImageDataModule(LitPeftDataModule):
@@ -121,9 +125,10 @@ class ImageDataModule(LitPeftDataModule):
     val_set: Dataset | None
     test_set: Dataset | None
 
-    def __init__(self, *, batch_size: int, num_workers: int, mean: Any, std: Any, seed: int) -> None:
+    def __init__(self, *, batch_size: int, num_workers: int, mean: Any, std: Any, seed: int,
+                 last_batch: str = "pad") -> None:
         _check_int("batch_size", batch_size)
-        super().__init__(num_workers=num_workers, seed=seed)
+        super().__init__(num_workers=num_workers, seed=seed, last_batch=last_batch)
         self.batch_size = batch_size
         self.mean = _check_norm_arg("mean", mean)
         self.std = _check_norm_arg("std", std)
@@ -161,8 +166,9 @@ class TextDataModule(LitPeftDataModule):
     """The tokenizer (explicit, or the connected model's :attr:`~lit_peft.handover.ModelInfo.tokenizer`) and the
     ``datasets`` cache of the text data modules."""
 
-    def __init__(self, *, tokenizer: str | None, num_workers: int, seed: int, cache_dir: str | None) -> None:
-        super().__init__(num_workers=num_workers, seed=seed)
+    def __init__(self, *, tokenizer: str | None, num_workers: int, seed: int, cache_dir: str | None,
+                 last_batch: str = "pad") -> None:
+        super().__init__(num_workers=num_workers, seed=seed, last_batch=last_batch)
         if tokenizer is not None and (not isinstance(tokenizer, str) or not tokenizer.strip()):
             raise ValueError(f"tokenizer must be a hub id or a local folder (a non-empty string) or null, got "
                              f"{tokenizer!r}")

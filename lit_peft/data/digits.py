@@ -7,6 +7,8 @@ digits 0–4, adapt to 5–9).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,6 +34,10 @@ class DigitsDataModule(ImageDataModule):
         val_fraction: fraction of the kept images used for validation.
         test_fraction: fraction of the kept images used for testing.
         seed: seeds the split and the training-loader shuffle.
+        last_batch: the epoch's last training batch when the batch size does not divide the training set:
+            ``pad`` (default: filled up with the epoch's first examples), ``drop`` (left out) or ``partial``
+            (short). ``pad`` and ``drop`` give N processes of batch B exactly the batches of one process of batch
+            N·B (``lit_peft.data.sampling.EpochShuffleSampler``).
         batch_size: batch size of every loader.
         num_workers: DataLoader worker processes (0: load in the main process; the data are in memory).
         mean: per-channel normalisation mean; null: the connected model's (``data_config``), else ImageNet's.
@@ -48,12 +54,13 @@ class DigitsDataModule(ImageDataModule):
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         seed: int = 0,
+        last_batch: Literal["pad", "drop", "partial"] = "pad",
         batch_size: int = 64,
         num_workers: int = 0,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, mean=mean, std=std, seed=seed)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, mean=mean, std=std, seed=seed, last_batch=last_batch)
         classes = [int(c) for c in classes]
         if not classes:
             raise ValueError("classes must name at least one digit in 0..9")

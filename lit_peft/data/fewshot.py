@@ -44,6 +44,10 @@ class FewShotDataModule(ImageDataModule):
         shots: training images per class (10 in the paper).
         val_shots: validation images per class (2 in the paper).
         seed: seeds the per-class sampling and the training-loader shuffle.
+        last_batch: the epoch's last training batch when the batch size does not divide the training set:
+            ``pad`` (default: filled up with the epoch's first examples), ``drop`` (left out) or ``partial``
+            (short). ``pad`` and ``drop`` give N processes of batch B exactly the batches of one process of batch
+            N·B (``lit_peft.data.sampling.EpochShuffleSampler``).
         img_size: side of the square network input (224).
         batch_size: batch size of every loader (64).
         num_workers: DataLoader worker processes.
@@ -60,6 +64,7 @@ class FewShotDataModule(ImageDataModule):
         shots: int = 10,
         val_shots: int = 2,
         seed: int = 42,
+        last_batch: Literal["pad", "drop", "partial"] = "pad",
         img_size: int = 224,
         batch_size: int = 64,
         num_workers: int = 4,
@@ -67,7 +72,7 @@ class FewShotDataModule(ImageDataModule):
         std: tuple[float, float, float] | None = None,
         download: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, mean=mean, std=std, seed=seed)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, mean=mean, std=std, seed=seed, last_batch=last_batch)
         if dataset not in FEWSHOT_DATASETS:
             raise _unknown("few-shot dataset", dataset, list(FEWSHOT_DATASETS))
         _check_int("shots", shots)

@@ -56,6 +56,10 @@ class GLUEDataModule(TextDataModule):
         batch_size: batch size of every loader (32 in the protocol).
         num_workers: DataLoader worker processes.
         seed: seeds the training shuffle.
+        last_batch: the epoch's last training batch when the batch size does not divide the training set:
+            ``pad`` (default: filled up with the epoch's first examples), ``drop`` (left out) or ``partial``
+            (short). ``pad`` and ``drop`` give N processes of batch B exactly the batches of one process of batch
+            N·B (``lit_peft.data.sampling.EpochShuffleSampler``).
         mnli_mismatched: for MNLI, validate/test on ``validation_mismatched`` (predict on ``test_mismatched``).
         test_split: the split ``test`` evaluates: ``validation`` (GLUE's convention) or ``test`` (needs labels
             in the data's test split; an unlabelled one is refused when it is loaded).
@@ -71,11 +75,12 @@ class GLUEDataModule(TextDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 42,
+        last_batch: Literal["pad", "drop", "partial"] = "pad",
         mnli_mismatched: bool = False,
         test_split: Literal["validation", "test"] = "validation",
         cache_dir: str | None = None,
     ) -> None:
-        super().__init__(tokenizer=tokenizer, num_workers=num_workers, seed=seed, cache_dir=cache_dir)
+        super().__init__(tokenizer=tokenizer, num_workers=num_workers, seed=seed, last_batch=last_batch, cache_dir=cache_dir)
         if task not in SEQUENCE_TASKS:
             raise _unknown("GLUE task", task, list(SEQUENCE_TASKS))
         _check_int("max_length", max_length, minimum=2, optional=True)

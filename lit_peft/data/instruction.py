@@ -75,6 +75,10 @@ class InstructionDataModule(TextDataModule):
         eval_batch_size: batch size of the generation-eval and loss-validation loaders.
         num_workers: DataLoader worker processes.
         seed: seeds the training shuffle and the ``val_fraction`` hold-out.
+        last_batch: the epoch's last training batch when the batch size does not divide the training set:
+            ``pad`` (default: filled up with the epoch's first examples), ``drop`` (left out) or ``partial``
+            (short). ``pad`` and ``drop`` give N processes of batch B exactly the batches of one process of batch
+            N·B (``lit_peft.data.sampling.EpochShuffleSampler``).
         max_train_samples: keep the first N training examples (before the hold-out); null: all.
         max_eval_samples: validate on the first N eval examples (testing always uses all); null: all.
         val_fraction: fraction of the training examples held out (seeded) for :meth:`loss_val_dataloader`.
@@ -103,13 +107,14 @@ class InstructionDataModule(TextDataModule):
         eval_batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 42,
+        last_batch: Literal["pad", "drop", "partial"] = "pad",
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
         val_fraction: float = 0.0,
         drop_overlong: bool = False,
         cache_dir: str | None = None,
     ) -> None:
-        super().__init__(tokenizer=tokenizer, num_workers=num_workers, seed=seed, cache_dir=cache_dir)
+        super().__init__(tokenizer=tokenizer, num_workers=num_workers, seed=seed, last_batch=last_batch, cache_dir=cache_dir)
         if not isinstance(train_data, str) or not train_data:
             raise ValueError(f"train_data must be a hub dataset name or a local file/folder, got {train_data!r}")
         if template not in TEMPLATES:

@@ -20,6 +20,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
+#: What a training loader does with an epoch's last, partial global batch (:class:`EpochShuffleSampler`)
+LAST_BATCH_MODES = ("pad", "drop", "partial")
+
+
 class EpochShuffleSampler(DistributedSampler):
     """This rank's share of a random permutation of ``range(len(data_source))`` drawn from a generator seeded with
     ``seed + epoch``.
@@ -31,9 +35,21 @@ class EpochShuffleSampler(DistributedSampler):
     the ranks' batches ``k`` together are ``perm[k·W·B : (k+1)·W·B]``: exactly the single process's batch ``k`` of
     size ``W·B`` (only the last batch of an epoch differs, by the padding samples). ``W = 1`` is a plain shuffle.
 
+    The epoch's last global batch, when ``W·B`` does not divide ``N``, is what ``last_batch`` says (``batch_size``
+    ``B`` is needed for ``pad`` and ``drop``):
+
+    * ``"pad"``: the permutation is extended with its own first indices to a whole number of global batches, so
+      every batch is full and ``W`` processes train on exactly the batches of one process with batch ``W·B``
+      (a few examples are seen twice in the epoch's last batch);
+    * ``"drop"``: the permutation is cut to a whole number of global batches (the same batches for any ``W``; up
+      to ``W·B − 1`` examples, different ones each epoch, are not seen in that epoch);
+    * ``"partial"``: ``DistributedSampler``'s own rule (padded to a multiple of ``W`` only): one process has a
+      short last batch, ``W`` processes have short last batches that together are not the single process's.
+
     :meth:`skip_once` makes the next iteration start further in (mid-epoch resume, see :class:`ResumableLoader`)."""
 
-    def __init__(self, data_source: Sized, seed: int = 0, num_replicas: int | None = None, rank: int | None = None):
+    def __init__(self, data_source: Sized, seed: int = 0, num_replicas: int | None = None, rank: int | None = None,
+                 batch_size: int | None = None, last_batch: str = "partial"):
         initialised = dist.is_available() and dist.is_initialized()
         if num_replicas is None:
             num_replicas = dist.get_world_size() if initialised else 1
@@ -41,7 +57,32 @@ class EpochShuffleSampler(DistributedSampler):
             rank = dist.get_rank() if initialised else 0
         super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True, seed=int(seed),
                          drop_last=False)
+        if last_batch not in LAST_BATCH_MODES:
+            raise ValueError(f"last_batch must be one of {', '.join(LAST_BATCH_MODES)}, got {last_batch!r}")
+        self.last_batch = last_batch
+        if last_batch != "partial":
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise ValueError(f"last_batch: {last_batch} needs the batch size (an integer >= 1), got {batch_size!r}")
+            n, per_step = len(self.dataset), batch_size * self.num_replicas
+            steps = -(-n // per_step) if last_batch == "pad" else n // per_step
+            if steps == 0:
+                raise ValueError(
+                    f"the training set has {n} examples, fewer than one global batch of {per_step} (batch_size "
+                    f"{batch_size} x {self.num_replicas} processes), so last_batch: drop leaves no batch; lower "
+                    "batch_size or use last_batch: pad")
+            self.total_size = steps * per_step
+            self.num_samples = steps * batch_size
         self._skip = 0
+
+    def _indices(self) -> list[int]:
+        """This epoch's whole (padded or cut) permutation, before it is sharded over the ranks."""
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(len(self.dataset), generator=g).tolist()
+        if self.total_size <= len(perm):
+            return perm[:self.total_size]
+        repeats = -(-(self.total_size - len(perm)) // len(perm))
+        return (perm + perm * repeats)[:self.total_size]
 
     def skip_once(self, n: int) -> None:
         """The next iteration (only) leaves out this rank's first ``n`` indices of the epoch."""
@@ -49,7 +90,9 @@ class EpochShuffleSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         skip, self._skip = self._skip, 0
-        return islice(super().__iter__(), skip, None)
+        if self.last_batch == "partial":
+            return islice(super().__iter__(), skip, None)
+        return islice(iter(self._indices()[self.rank:self.total_size:self.num_replicas]), skip, None)
 
 
 class ResumableLoader(DataLoader):
@@ -117,15 +160,16 @@ class ResumableLoader(DataLoader):
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
-                collate_fn=None, drop_last: bool = False) -> DataLoader:
+                collate_fn=None, drop_last: bool = False, last_batch: str = "partial") -> DataLoader:
     """A DataLoader that never draws from the global RNG (its own generator also seeds the workers), so data
     loading cannot shift the random stream that dropout uses. Shuffled (training) loaders are a
     :class:`ResumableLoader` over an :class:`EpochShuffleSampler`: seeded per epoch, sharded over the ranks in the
-    single-process order, resumable mid-epoch."""
+    single-process order, resumable mid-epoch, with ``last_batch`` (``pad``/``drop``/``partial``) deciding the
+    epoch's last global batch."""
     return (ResumableLoader if shuffle else DataLoader)(
         dataset,
         batch_size=batch_size,
-        sampler=EpochShuffleSampler(dataset, seed) if shuffle else None,
+        sampler=EpochShuffleSampler(dataset, seed, batch_size=batch_size, last_batch=last_batch) if shuffle else None,
         generator=torch.Generator().manual_seed(seed),
         num_workers=num_workers,
         persistent_workers=num_workers > 0,

@@ -61,6 +61,10 @@ class VTABDataModule(ImageDataModule):
         std: per-channel normalisation std; null: as for ``mean``.
         seed: seeds the training-loader shuffle and, with ``source: torchvision``, the 800/200 draw. Keep it
             fixed across repeated runs to keep the split fixed, as in VTAB-1k.
+        last_batch: the epoch's last training batch when the batch size does not divide the training set:
+            ``pad`` (default: filled up with the epoch's first examples), ``drop`` (left out) or ``partial``
+            (short). ``pad`` and ``drop`` give N processes of batch B exactly the batches of one process of batch
+            N·B (``lit_peft.data.sampling.EpochShuffleSampler``).
         download: with ``source: torchvision``, let torchvision download the data in ``prepare_data``.
         verify_images: with ``source: folder``, open and decode every listed image at setup (a truncated or
             unreadable file fails before training rather than when its batch comes up); listed images that do
@@ -79,10 +83,11 @@ class VTABDataModule(ImageDataModule):
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
         seed: int = 42,
+        last_batch: Literal["pad", "drop", "partial"] = "pad",
         download: bool = False,
         verify_images: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, mean=mean, std=std, seed=seed)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, mean=mean, std=std, seed=seed, last_batch=last_batch)
         if task not in VTAB_TASKS and task not in LIST_LAYOUT_TASKS:
             raise _unknown("VTAB task", task, [*VTAB_TASKS, *LIST_LAYOUT_TASKS])
         if source not in ("folder", "torchvision"):

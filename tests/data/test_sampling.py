@@ -45,6 +45,48 @@ def test_ranks_together_are_the_single_process_batches(world, n):
             assert together == sorted(expected + single[0][:-n % world]), k
 
 
+def mode_loader(n: int, batch_size: int, world: int, rank: int, last_batch: str, seed: int = 0):
+    data = TensorDataset(torch.arange(n))
+    sampler = EpochShuffleSampler(data, seed, world, rank, batch_size=batch_size, last_batch=last_batch)
+    return ResumableLoader(data, batch_size=batch_size, sampler=sampler)
+
+
+@pytest.mark.parametrize("last_batch", ["pad", "drop"])
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("n", [24, 25, 29])
+def test_pad_and_drop_give_every_world_size_the_single_process_batches(last_batch, world, n):
+    """With ``pad`` or ``drop``, W processes of batch B train on exactly the batches of one process of batch W·B,
+    the epoch's last batch included (the demo's 537 images under DDP: the losses match to the end)."""
+    per_rank = 2
+    single = batches(mode_loader(n, world * per_rank, 1, 0, last_batch), epoch=1)
+    ranks = [batches(mode_loader(n, per_rank, world, r, last_batch), epoch=1) for r in range(world)]
+    assert all(len(r) == len(single) for r in ranks)
+    assert all(len(b) == world * per_rank for b in single)  # every batch full
+    for k, expected in enumerate(single):
+        assert sorted(i for rank in ranks for i in rank[k]) == sorted(expected), k
+    seen = [i for b in single for i in b]
+    perm = [i for b in batches(rank_loader(n, n, 1, 0), epoch=1) for i in b]
+    global_batch = world * per_rank
+    if last_batch == "pad":  # every example once, then the permutation's first ones again to fill the last batch
+        assert len(single) == -(-n // global_batch) and seen == (perm + perm)[:len(seen)]
+    else:  # a whole number of global batches of the permutation
+        assert len(single) == n // global_batch and seen == perm[:len(seen)]
+
+
+def test_pad_and_drop_resume_mid_epoch_and_refuse_too_small_data():
+    loader = mode_loader(25, 4, 1, 0, "pad")
+    full = batches(loader, epoch=2)
+    resumed = mode_loader(25, 4, 1, 0, "pad")
+    resumed.load_state_dict({**loader.state_dict(), "epoch": 2, "batches": 3})
+    assert batches(resumed, epoch=2) == full[3:]
+    assert len(batches(mode_loader(5, 4, 2, 0, "pad"))) == 1  # a set smaller than a global batch: padded
+    with pytest.raises(ValueError, match=r"5 examples, fewer than one global batch of 8 \(batch_size 4 x 2 "
+                                         r"processes\), so last_batch: drop leaves no batch"):
+        mode_loader(5, 4, 2, 0, "drop")
+    with pytest.raises(ValueError, match="last_batch must be one of pad, drop, partial, got 'keep'"):
+        mode_loader(5, 4, 1, 0, "keep")
+
+
 def test_padding_repeats_the_first_samples():
     perm = [i for b in batches(rank_loader(10, 10, 1, 0)) for i in b]
     shards = [[i for b in batches(rank_loader(10, 4, 3, r)) for i in b] for r in range(3)]

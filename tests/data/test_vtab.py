@@ -27,8 +27,16 @@ def test_vtab_datamodule_fit_and_test(vtab_root):
     assert torch.allclose(x[0, 0], torch.ones(16, 16), atol=1e-2)
     assert torch.allclose(x[0, 1], -torch.ones(16, 16), atol=1e-2)
     assert torch.allclose(x[2, 2], torch.ones(16, 16), atol=1e-2)
-    batches = list(dm.train_dataloader())
-    assert sum(len(b[1]) for b in batches) == 6 and batches[0][0].shape[1:] == (3, 16, 16)
+    batches = list(dm.train_dataloader())  # batch 4, last_batch: pad (the default): 6 images fill 2 full batches
+    assert [len(b[1]) for b in batches] == [4, 4] and batches[0][0].shape[1:] == (3, 16, 16)
+    dm_partial = vtab_dm(vtab_root, last_batch="partial")
+    dm_partial.setup("fit")
+    assert [len(b[1]) for b in dm_partial.train_dataloader()] == [4, 2]
+    dm_drop = vtab_dm(vtab_root, last_batch="drop")
+    dm_drop.setup("fit")
+    assert [len(b[1]) for b in dm_drop.train_dataloader()] == [4]
+    with pytest.raises(ValueError, match=r"unknown last_batch 'short'.*valid: pad, drop, partial"):
+        vtab_dm(vtab_root, last_batch="short")
     dm.setup("test")
     assert len(dm.test_set) == 6
     assert sum(len(b[1]) for b in dm.test_dataloader()) == 6
@@ -54,7 +62,8 @@ def test_vtab_train_loader_seeded_shuffle(vtab_root):
 
     a = order(3)
     assert a == order(3)
-    assert sorted(a[0]) == list(range(6))
+    assert sorted(set(a[0])) == list(range(6)) and len(a[0]) == 8  # padded to 2 batches of 4 with its first two
+    assert a[0][6:] == a[0][:2]
     assert order(4) != a
     dm = vtab_dm(vtab_root)
     dm.setup("fit")

@@ -103,3 +103,24 @@ def test_shard_units_find_the_transformer_blocks():
                                       num_attention_heads=2, num_key_value_heads=2)
     holder = type("Holder", (), {"model": transformers.AutoModelForCausalLM.from_config(config)})()
     assert AdaptedModule.shard_units(holder) == list(holder.model.model.layers)
+
+
+def test_odd_sized_training_set_single_and_ddp_take_the_same_batches(vtab_workdir, tmp_path):
+    """13 training images and a global batch of 8: each epoch's last batch would hold 5. With ``last_batch: pad``
+    (every data module's default) it is filled up with the epoch's first images, the same ones in one process and in
+    two, so the DDP run's batches and losses are the single process's to the end (the issue seen with the demo's 537
+    images and ``--config strategy/ddp.yaml``: losses agreed until each epoch's partial batch)."""
+    import shutil
+
+    from helpers.cli import make_vtab_task
+
+    shutil.copy(vtab_workdir[0] / "recorder.py", tmp_path / "recorder.py")
+    data_root = make_vtab_task(tmp_path / "vtab", sizes=(("train800", 13), ("val200", 6), ("test", 8)))
+    single, ddp = (fit(tmp_path, data_root, "boft", run) for run in ("single", "ddp"))
+    assert len(single["losses"]) == 6  # 13 images padded to 16: 2 full steps per epoch, 3 epochs
+    assert all(len(batch) == 8 for batch in single["samples"])
+    for epoch in range(3):  # every image once per epoch, 3 of them twice (the padding)
+        seen = single["samples"][2 * epoch] + single["samples"][2 * epoch + 1]
+        assert len(set(seen)) == 13
+    assert ddp["samples"] == single["samples"]
+    assert ddp["losses"] == pytest.approx(single["losses"], rel=1e-4, abs=1e-6)
