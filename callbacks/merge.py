@@ -9,7 +9,10 @@ Steps (global rank 0 writes, the other ranks wait):
 4. write ``model.safetensors`` (via ``pl_module.save_merged_model``), and the adapter alone under ``adapter/``
    (``adapter.safetensors`` + ``adapter_config.json``), each to a temporary name, then renamed.
 5. call ``pl_module.export_extra(folder, adapter_tensors)`` (lit_peft's Hugging Face modules write a ``peft``
-   adapter folder there, from the adapter tensors gathered in step 4, also under FSDP2; the others write nothing).
+   adapter folder there, from the adapter tensors gathered in step 4, also under FSDP2; the others write nothing);
+6. with ``lora_tolerance`` or ``lora_rank``: write any adapter as a peft LoRA under ``lora/``
+   (:mod:`lit_peft.adapters.lora_export`: truncated SVD of each layer's merged − base weight), with each layer's
+   rank and error, and the served LoRA's output difference on the check batch, in ``lora/lora_export.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_peft.adapters import adapted_layers, find_strategy, merged_state_dict
 from lit_peft.adapters.io import adapter_config, adapter_state_dict, nonfinite_tensors, write_adapter
+from lit_peft.adapters.lora_export import LoraExport, _check_rank_args, lora_factors, served_model, write_lora
+from lit_peft.distributed import full_tensor
 from lit_peft.files import atomic_write_folder
 
 
@@ -67,15 +72,27 @@ class MergeAdapters(L.Callback):
             reports the best-validation checkpoint), so the module then holds those weights.
         allow_nonfinite: write adapters holding NaN or infinite values (a diverged run) instead of refusing, with or
             without ``check``.
+        lora_tolerance: also write the adapter, whatever its method, as a peft LoRA under ``lora/`` (for LoRA-only
+            servers), each layer's rank the smallest whose relative error of ``ΔW`` is at most this (e.g. 0.01).
+        lora_rank: the same with one fixed rank for every layer (instead of ``lora_tolerance``).
 
     The output folder is written as a whole: everything goes into a temporary folder beside it, which then
     replaces it, so an interrupted merge never leaves a new model beside a previous run's ``adapter/``.
     """
 
     def __init__(self, output_dir: str | None = None, tolerance: float = 1e-4, check: bool = True,
-                 weights: Literal["final", "best"] = "final", allow_nonfinite: bool = False):
+                 weights: Literal["final", "best"] = "final", allow_nonfinite: bool = False,
+                 lora_tolerance: float | None = None, lora_rank: int | None = None):
         if weights not in ("final", "best"):
             raise ValueError(f"weights must be 'final' or 'best', got {weights!r}")
+        if lora_rank is not None or lora_tolerance is not None:
+            try:
+                _check_rank_args(lora_rank, lora_tolerance)
+            except ValueError as err:
+                raise ValueError(f"MergeAdapters: lora_rank / lora_tolerance: {err}") from None
+        self.lora_tolerance = lora_tolerance
+        self.lora_rank = lora_rank
+        self.lora_export: LoraExport | None = None
         self.output_dir = output_dir
         self.tolerance = tolerance
         self.check = check
@@ -128,26 +145,80 @@ class MergeAdapters(L.Callback):
         with pl_module.full_weights() as keep:  # FSDP1 gathers its flat shards here, FSDP2's DTensors themselves
             state = keep(merged_state_dict(pl_module.model, keep=trainer.is_global_zero))
             adapter_files = (adapter_config(pl_module.model), keep(adapter_state_dict(pl_module.model)))
-        batch, adapted = self._adapted_outputs(trainer, pl_module) if self.check else (None, None)
+            export_lora = self.lora_rank is not None or self.lora_tolerance is not None
+            base = keep(self._base_weights(pl_module.model, trainer.is_global_zero)) if export_lora else {}
+        batch, adapted = (self._adapted_outputs(trainer, pl_module) if self.check or export_lora
+                          else (None, None))
         if trainer.is_global_zero:
             plain = pl_module.build_plain_model()
             plain.load_state_dict(state, strict=True, assign=True)
             plain.to(pl_module.device).eval()
-            if adapted is not None:
+            if adapted is not None and self.check:
                 self._compare(folder, pl_module, plain, batch, adapted)
+            lora = self._lora(pl_module, strategy, state, base, folder, batch, adapted) if export_lora else None
 
             def write(tmp: Path) -> None:
                 pl_module.save_merged_model(plain, tmp)
                 write_adapter(tmp / "adapter", *adapter_files, allow_nonfinite=self.allow_nonfinite)
                 # from the gathered adapter tensors: no collective on rank 0 alone
                 pl_module.export_extra(tmp, adapter_files[1])
+                if lora is not None:
+                    factors, heads, report = lora
+                    write_lora(tmp / "lora", factors, report, {k: state[k] for k in heads},
+                               strategy.trainable_module_names(pl_module.model), self.lora_rank,
+                               self.lora_tolerance, task_type=getattr(pl_module, "peft_task_type", None))
 
             atomic_write_folder(folder, write)
             self.written = folder
             rank_zero_info(f"MergeAdapters: merged model and adapter ({strategy!r}) written to "
                            f"{folder}" + ("" if self.last_difference is None else
                                           f"; merged vs adapted relative difference {self.last_difference:.2e}"))
+            if self.lora_export is not None:
+                self.lora_export.folder = folder / "lora"
+                rank_zero_info(f"MergeAdapters: {self.lora_export.summary()}")
         trainer.strategy.barrier("merge_adapters")
+
+    @staticmethod
+    def _base_weights(model: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor]:
+        """The frozen base ``weight``/``bias`` of every adapted layer, whole (gathering shards is collective: every
+        rank calls this), on the CPU where ``keep``."""
+        out = {}
+        for name, layer in adapted_layers(model).items():
+            for leaf in ("weight", "bias"):
+                tensor = getattr(layer, leaf)
+                if tensor is not None:
+                    whole = full_tensor(tensor.detach())
+                    if keep:
+                        out[f"{name}.{leaf}"] = whole.cpu()
+        return out
+
+    def _lora(self, pl_module: L.LightningModule, strategy, state: dict, base: dict, folder: Path, batch, adapted):
+        """On rank 0: every adapted layer's LoRA from its merged and base weights, and the output difference of the
+        model a LoRA-only server builds from them (base + B·A) against the adapted one on the check batch."""
+        report = LoraExport(folder=folder / "lora")
+        factors = {}
+        for name in adapted_layers(pl_module.model):
+            B, A, new_bias, report.layers[name] = lora_factors(
+                base[f"{name}.weight"], state[f"{name}.weight"], base.get(f"{name}.bias"), state.get(f"{name}.bias"),
+                self.lora_rank, self.lora_tolerance if self.lora_tolerance is not None else 0.5)
+            if B is not None:
+                factors[name] = (B, A, new_bias)
+        if not factors:
+            raise ValueError(f"MergeAdapters: every adapted layer is unchanged (ΔW = 0), no LoRA to export; nothing "
+                             f"written to {folder}")
+        heads = [f"{module}.{key}" for module in strategy.trainable_module_names(pl_module.model)
+                 for key in pl_module.model.get_submodule(module).state_dict()]
+        if adapted is not None:
+            served_state = dict(state)
+            served_state.update({k: v.clone() for k, v in base.items()})  # base weights, new tensors (not plain's)
+            served = pl_module.build_plain_model()
+            served.load_state_dict(served_state, strict=True, assign=True)
+            served = served_model(served, factors).to(pl_module.device).eval()
+            got = pl_module.model_outputs(served, batch).float()
+            report.output_relative_error = float((got - adapted).abs().max() / adapted.abs().max().clamp_min(1e-12))
+            del served
+        self.lora_export = report
+        return factors, heads, report
 
     @staticmethod
     def _refuse_nonfinite(trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> None:

@@ -76,3 +76,39 @@ def test_smollm2_learns_sentiment_through_the_cli(tmp_path):
           "steps")
     # The untrained instruct model answers one word whatever the review (~0.5); a few LoRA steps reach ~0.9.
     assert after >= 0.75 and after >= before + 0.2, f"held-out accuracy {before:.3f} untrained -> {after:.3f} tuned"
+
+
+@pytest.mark.parametrize("method", ["BOFT", "SVFT"])
+def test_smollm2_adapter_exports_as_a_lora_that_peft_serves(method, tmp_path):
+    """``export_lora`` on the real SmolLM2 (random BOFT/SVFT adapter values on q and v of all 30 layers):
+    ``peft.PeftModel.from_pretrained`` gives the adapted model's logits within the output difference the export
+    reports, and a per-layer tolerance of 1e-2 keeps most ranks well below full (the file smaller than full rank)."""
+    peft = pytest.importorskip("peft")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from helpers.models import randomize_adapters
+    from lit_peft.adapters import BOFT, SVFT, export_lora
+
+    folder = asset(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    adapter = (BOFT(block_size=8, n_butterfly_factors=2, target_modules=["q_proj", "v_proj"]) if method == "BOFT"
+               else SVFT(pattern="banded", off_diag=2, target_modules=["q_proj", "v_proj"]))
+    adapter.apply(model)
+    randomize_adapters(model)
+    with torch.no_grad():  # small trained-like updates: the random values scaled down
+        for param in (p for p in model.parameters() if p.requires_grad):
+            param.mul_(0.05)
+    inputs = {"input_ids": torch.randint(10, 5000, (2, 24), generator=torch.Generator().manual_seed(0))}
+    with torch.no_grad():
+        ours = model(**inputs).logits.double()
+    full = export_lora(model, tmp_path / "full", tolerance=1e-6, example=inputs, task_type="CAUSAL_LM")
+    compact = export_lora(model, tmp_path / "compact", tolerance=1e-2, example=inputs, task_type="CAUSAL_LM")
+    assert full.output_relative_error < 1e-4
+    assert compact.file_bytes < full.file_bytes
+    for report in (full, compact):
+        base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        with torch.no_grad():
+            theirs = peft.PeftModel.from_pretrained(base, report.folder).eval()(**inputs).logits.double()
+        difference = float((theirs - ours).abs().max() / ours.abs().max())
+        assert difference <= max(2 * report.output_relative_error, 1e-5), (difference, report.summary())

@@ -11,6 +11,7 @@ from .boft import BOFT, OFT, BOFTLinear, orthogonality_error
 from .io import (adapter_state_dict, load_adapter, merge_adapters, merged_state_dict, read_adapter_config,
                  save_adapter)
 from .lora import DoRA, DoRALinear, LoRA, LoRALinear
+from .lora_export import LoraExport, export_lora
 from .peft_export import export_peft_adapter, peft_export_problem
 from .svft import SVFT, SVDProvider, SVFTLinear
 from .targets import resolve_targets
@@ -20,4 +21,5 @@ __all__ = ["AdapterStrategy", "AdaptedLinear", "BOFT", "OFT", "SVFT", "LoRA", "D
            "SVFTLinear", "LoRALinear", "DoRALinear", "VeRALinear", "SVDProvider", "merge_adapters",
            "merged_state_dict", "save_adapter", "load_adapter", "adapter_state_dict", "read_adapter_config",
            "adapted_layers", "count_parameters", "resolve_targets", "find_strategy", "get_strategy",
-           "detach_strategy", "orthogonality_error", "export_peft_adapter", "peft_export_problem"]
+           "detach_strategy", "orthogonality_error", "export_peft_adapter", "peft_export_problem",
+           "export_lora", "LoraExport"]

@@ -213,3 +213,46 @@ def test_merge_adapters_replaces_the_output_folder_as_a_whole(tmp_path, digits):
     assert not (out / "adapter" / "stale.txt").exists()
     assert (out / "model.safetensors").read_bytes() != b"old"
     assert no_temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("method", ["BOFT", "SVFT"])
+def test_merge_adapters_exports_the_adapter_as_a_lora_that_peft_serves(method, tmp_path, digits, images):
+    """``lora_tolerance``: ``lora/`` holds a peft LoRA (per-layer ranks, the head as ``modules_to_save``) that
+    ``peft.PeftModel.from_pretrained`` on a fresh copy of the base model turns into the adapted model's function
+    (within the reported output difference); ``lora_rank: 2`` gives a coarser LoRA whose served outputs differ by
+    exactly the difference the callback reports."""
+    peft = pytest.importorskip("peft")
+    module = make_module(MERGE_ADAPTERS[method](), optimizer=lambda p: torch.optim.AdamW(p, lr=2e-2),
+                         lr_schedule="constant")
+    fine = MergeAdapters(output_dir=str(tmp_path / "fine"), lora_tolerance=1e-6)
+    coarse = MergeAdapters(output_dir=str(tmp_path / "coarse"), lora_rank=2)
+    trainer(tmp_path, [fine, coarse], max_steps=3).fit(module, datamodule=digits)
+    adapted = outputs(module, images)
+    assert fine.lora_export.output_relative_error < 1e-5
+    assert coarse.lora_export.output_relative_error > 1e-4
+    assert {layer.rank for layer in coarse.lora_export.layers.values()} == {2}
+
+    for merge, tolerance in ((fine, 1e-5), (coarse, None)):
+        folder = merge.written / "lora"
+        assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                           "lora_export.json"]
+        assert json.loads((folder / "adapter_config.json").read_text())["modules_to_save"] == ["head"]
+        torch.manual_seed(0)
+        fresh = timm.create_model(BACKBONE, pretrained=False, num_classes=NUM_CLASSES, img_size=IMG_SIZE,
+                                  **MODEL_KWARGS)
+        with torch.no_grad():
+            served = peft.PeftModel.from_pretrained(fresh, folder).eval()(images)
+        difference = float((served - adapted).abs().max() / adapted.abs().max())
+        if tolerance is not None:
+            assert difference < tolerance
+        else:  # the check batch is not these images: same order of magnitude as the reported difference
+            reported = merge.lora_export.output_relative_error
+            assert reported / 10 < difference < reported * 10
+
+
+def test_merge_adapters_refuses_bad_lora_arguments():
+    with pytest.raises(ValueError, match=r"MergeAdapters: lora_rank / lora_tolerance: tolerance must be a number in "
+                                         r"\(0, 1\), got 2"):
+        MergeAdapters(lora_tolerance=2)
+    with pytest.raises(ValueError, match="rank must be an integer >= 1"):
+        MergeAdapters(lora_rank=0)
