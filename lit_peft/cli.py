@@ -51,8 +51,8 @@ def _check_yaml(path: str) -> None:
 
 
 #: Modules whose public classes may be named by their short name where jsonargparse wants an import path.
-_SHORT_NAME_MODULES = ("lit_peft.modules", "lit_peft.data", "lit_peft.adapters", "lit_peft.callbacks", "lit_peft.loggers",
-                       "torch.optim", "lightning.pytorch.callbacks", "lightning.pytorch.loggers",
+_SHORT_NAME_MODULES = ("lit_peft.modules", "lit_peft.data", "lit_peft.adapters", "lit_peft.callbacks",
+                       "lit_peft.loggers", "torch.optim", "lightning.pytorch.callbacks", "lightning.pytorch.loggers",
                        "lightning.pytorch.strategies")
 
 

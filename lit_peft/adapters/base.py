@@ -327,7 +327,8 @@ class AdapterStrategy:
     @property
     def tag(self) -> str:
         """A short name of the method and its defining sizes (``lora_r8``, ``boft_m2b8``, ``svft_banded_d2``): what
-        ``{adapter}`` becomes in a config's run folders, and the method folder names of ``scripts/collect_results.py``."""
+        ``{adapter}`` becomes in a config's run folders, and the method folder names that
+        ``scripts/collect_results.py`` reads."""
         return type(self).__name__.lower()
 
     # -- hooks for subclasses ----------------------------------------------------------------------------------

@@ -60,7 +60,8 @@ class DigitsDataModule(ImageDataModule):
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, mean=mean, std=std, seed=seed, last_batch=last_batch)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, mean=mean, std=std, seed=seed,
+                         last_batch=last_batch)
         classes = [int(c) for c in classes]
         if not classes:
             raise ValueError("classes must name at least one digit in 0..9")

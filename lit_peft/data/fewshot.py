@@ -72,7 +72,8 @@ class FewShotDataModule(ImageDataModule):
         std: tuple[float, float, float] | None = None,
         download: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, mean=mean, std=std, seed=seed, last_batch=last_batch)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, mean=mean, std=std, seed=seed,
+                         last_batch=last_batch)
         if dataset not in FEWSHOT_DATASETS:
             raise _unknown("few-shot dataset", dataset, list(FEWSHOT_DATASETS))
         _check_int("shots", shots)

@@ -173,7 +173,8 @@ class ImageFolderDataModule(ImageDataModule):
         seed: int = 42,
         last_batch: Literal["pad", "drop", "partial"] = "pad",
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, mean=mean, std=std, seed=seed, last_batch=last_batch)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, mean=mean, std=std, seed=seed,
+                         last_batch=last_batch)
         if not isinstance(data_root, (str, os.PathLike)) or not str(data_root).strip():
             raise ValueError(f"data_root must be a folder (a non-empty path), got {data_root!r}")
         dirs = {"train_dir": train_dir, "val_dir": val_dir, "test_dir": test_dir}

@@ -87,7 +87,8 @@ class VTABDataModule(ImageDataModule):
         download: bool = False,
         verify_images: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, mean=mean, std=std, seed=seed, last_batch=last_batch)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, mean=mean, std=std, seed=seed,
+                         last_batch=last_batch)
         if task not in VTAB_TASKS and task not in LIST_LAYOUT_TASKS:
             raise _unknown("VTAB task", task, [*VTAB_TASKS, *LIST_LAYOUT_TASKS])
         if source not in ("folder", "torchvision"):
