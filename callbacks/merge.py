@@ -200,7 +200,7 @@ class MergeAdapters(L.Callback):
         for name in adapted_layers(pl_module.model):
             B, A, new_bias, report.layers[name] = lora_factors(
                 base[f"{name}.weight"], state[f"{name}.weight"], base.get(f"{name}.bias"), state.get(f"{name}.bias"),
-                self.lora_rank, self.lora_tolerance if self.lora_tolerance is not None else 0.5)
+                self.lora_rank, self.lora_tolerance)
             if B is not None:
                 factors[name] = (B, A, new_bias)
         if not factors:

@@ -78,7 +78,7 @@ class LoraExport:
         return f"{out} -> {self.folder}"
 
 
-def _choose_rank(s: Tensor, rank: int | None, tolerance: float) -> tuple[int, float]:
+def _choose_rank(s: Tensor, rank: int | None, tolerance: float | None) -> tuple[int, float]:
     """``(r, relative error)`` for singular values ``s`` (descending)."""
     total = float((s * s).sum())
     if total == 0.0:
@@ -99,9 +99,11 @@ def _outputs(model: nn.Module, example: Any) -> Tensor:
 
 
 def lora_factors(weight: Tensor, merged_weight: Tensor, bias: Tensor | None, merged_bias: Tensor | None,
-                 rank: int | None, tolerance: float) -> tuple[Tensor | None, Tensor | None, Tensor | None, LayerExport]:
+                 rank: int | None, tolerance: float | None
+                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, LayerExport]:
     """One layer's LoRA ``(B, A, new bias or None, LayerExport)`` from its base and adapted ``(W, b)`` (float64 SVD
-    of ``ΔW``); ``B`` and ``A`` are ``None`` when the layer is unchanged."""
+    of ``ΔW``), at ``rank``, or else at the smallest rank within ``tolerance``; ``B`` and ``A`` are ``None`` when the
+    layer is unchanged."""
     weight = weight.detach().double()
     delta = merged_weight.detach().double() - weight
     bias_changed = merged_bias is not None and (bias is None or not torch.equal(merged_bias.double(), bias.double()))
