@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_peft.adapters import adapted_layers, find_strategy, merged_state_dict
 from lit_peft.adapters.io import adapter_config, adapter_state_dict, nonfinite_tensors, write_adapter
 from lit_peft.adapters.lora_export import LoraExport, _check_rank_args, lora_factors, served_model, write_lora
-from lit_peft.distributed import full_tensor
+from lit_peft.adapters.quantized import dense_weight
 from lit_peft.files import atomic_write_folder
 
 
@@ -187,7 +187,7 @@ class MergeAdapters(L.Callback):
             for leaf in ("weight", "bias"):
                 tensor = getattr(layer, leaf)
                 if tensor is not None:
-                    whole = full_tensor(tensor.detach())
+                    whole = dense_weight(tensor).detach()  # gathered when sharded, dequantized when quantized
                     if keep:
                         out[f"{name}.{leaf}"] = whole.cpu()
         return out

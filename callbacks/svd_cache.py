@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from lit_peft.adapters import SVFT, SVDProvider, find_strategy, resolve_targets
+from lit_peft.adapters.quantized import dense_weight
 from lit_peft.distributed import full_tensor
 from lit_peft.adapters.svft import canonical_svd
 from lit_peft.adapters.targets import part_label
@@ -143,11 +144,17 @@ class SVDCache(L.Callback):
             return
         if find_strategy(pl_module.model) is not None:
             return  # already adapted (a test or validate stage after fit in the same process)
+        if getattr(pl_module, "quantize", None):
+            # the SVDs are those of the dequantized weights, which exist once configure_model has quantized the
+            # base (one process): SVFT asks this cache for each of them then
+            rank_zero_info(f"SVDCache: the base is stored in {pl_module.quantize}; the SVDs of its dequantized "
+                           f"weights are taken from or added to {self.cache_dir} as the adapter is applied")
+            return
         if trainer.is_global_zero:
             targets = resolve_targets(pl_module.model, adapter.target_modules, adapter.fused_qkv,
                                       exclude=adapter.trainable_modules)
             for name, parts in targets.items():
-                weight = full_tensor(pl_module.model.get_submodule(name).weight)
+                weight = dense_weight(pl_module.model.get_submodule(name).weight)
                 for part, (start, stop) in parts.items():
                     self.get_or_compute(part_label(name, part), weight[start:stop], adapter.svd_torch_dtype)
             rank_zero_info(f"SVDCache: {self.hits} loaded, {self.misses} computed in {self.seconds:.1f}s "

@@ -7,3 +7,7 @@ Lightning layer, and ``python -m lit_peft`` is the LightningCLI. The callbacks l
 """
 
 __version__ = "0.1.0"
+
+from .compat import install_log_filters as _install_log_filters
+
+_install_log_filters()

@@ -347,6 +347,10 @@ def entry_point() -> None:
         from .plot import main as plot_main
 
         raise SystemExit(plot_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["export-lora"]:  # any trained adapter as a peft LoRA (lit_peft.export)
+        from .export import main as export_main
+
+        raise SystemExit(export_main(sys.argv[2:]))
     from torch.distributed.elastic.multiprocessing.errors import record
 
     record(main)()

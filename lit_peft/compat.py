@@ -24,6 +24,7 @@ Used (checked against Lightning 2.4–2.6 and torch 2.4–2.14):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -118,3 +119,20 @@ class MoveHook(nn.Module):
 
     def after_move(self) -> None:
         """Called after the module's tensors were moved or cast; nothing by default."""
+
+
+class _TorchaoEnumNotice(logging.Filter):
+    """Drops the deprecation notice torch >= 2.14 logs for each enum that torchao registers with torch's pytree ("...
+    is an Enum subclass and is now natively supported by torch.compile ..."), addressed to torchao's developers and
+    printed whenever torchao is imported (by lit_peft's quantized base, and by peft and transformers when torchao is
+    installed); every other record of that logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is an Enum subclass and is now natively supported" not in str(record.msg)
+
+
+def install_log_filters() -> None:
+    """Add lit_peft's log filters (once; called when ``lit_peft`` is imported)."""
+    logger = logging.getLogger("torch.utils._pytree")
+    if not any(isinstance(f, _TorchaoEnumNotice) for f in logger.filters):
+        logger.addFilter(_TorchaoEnumNotice())

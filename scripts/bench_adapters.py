@@ -293,6 +293,10 @@ def methods(targets: list[str] | None = None, square_targets: list[str] | None =
                _lit(lambda a, t: SVFT("banded", off_diag=2, side="activation", target_modules=t))),
         Method("svft-banded-weight", "SVFT banded d=2, side=weight", "lit_peft",
                _lit(lambda a, t: SVFT("banded", off_diag=2, side="weight", target_modules=t))),
+        Method("svft-plain-k64", "SVFT plain, svd_rank=64", "lit_peft",
+               _lit(lambda a, t: SVFT("plain", svd_rank=64, target_modules=t))),
+        Method("svft-banded-k64", "SVFT banded d=2, svd_rank=64", "lit_peft",
+               _lit(lambda a, t: SVFT("banded", off_diag=2, svd_rank=64, target_modules=t))),
         Method("svft-random", "SVFT random d=2", "lit_peft",
                _lit(lambda a, t: SVFT("random", off_diag=2, target_modules=t))),
         Method("svft-topk", "SVFT top_k d=2", "lit_peft",
@@ -333,8 +337,12 @@ def _reset_peak_rss() -> bool:
 
 def _storages(model: nn.Module) -> dict[int, int]:
     """``{storage address: bytes}`` of every parameter and buffer (shared tensors counted once)."""
+    from lit_peft.adapters.quantized import is_quantized
+
     out = {}
     for t in list(model.parameters()) + list(model.buffers()):
+        if is_quantized(t):  # a quantized base weight (scripts/quantized_base.py counts those on their own)
+            continue
         storage = t.untyped_storage()
         out[storage.data_ptr()] = storage.nbytes()
     return out
@@ -384,6 +392,9 @@ def measure(method: Method, args) -> dict:
     base_rss = (_proc_status_kib("VmRSS") or 0) * 1024
 
     model, notes = method.build(model, args)
+    from lit_peft.adapters.quantized import base_weight_bytes
+
+    linear_weight_bytes = base_weight_bytes(model)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     static_bytes = sum(n for ptr, n in _storages(model).items() if ptr not in base_storages)
@@ -443,7 +454,8 @@ def measure(method: Method, args) -> dict:
 
     result = {"key": method.key, "trainable": trainable, "times": times, "notes": notes,
               "static_bytes": static_bytes, "step_peak_bytes": step_peak,
-              "mem_bytes": None if step_peak is None else static_bytes + step_peak, "rss_bytes": rss_delta}
+              "mem_bytes": None if step_peak is None else static_bytes + step_peak, "rss_bytes": rss_delta,
+              "linear_weight_bytes": linear_weight_bytes}
     if args.profile == method.key:
         result["profile"] = profile_steps(step, args, cuda)
     return result

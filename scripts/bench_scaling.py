@@ -17,7 +17,8 @@ of the frozen base model, the bytes of training state the adapter adds: its trai
 float32 gradient and AdamW's two float32 moments (16 bytes each), plus the adapter's frozen tensors (SVFT's
 ``U``, ``Σ``, ``V``; VeRA's shared ``A``, ``B``). Activation memory is per token, not per parameter: see
 docs/benchmarks.md. Under FSDP2 the parameters, gradients and optimiser state are sharded (divided by the
-number of processes); buffers are not (SVFT's ``U``/``V`` are replicated on every rank).
+number of processes), and so are SVFT's ``U``/``Σ``/``V`` (held as frozen parameters by ``fully_shard_model``;
+scripts/svft_memory.py measures it).
 
 Examples::
 

@@ -186,7 +186,14 @@ METHODS: dict[str, tuple] = {
                                               target_modules=t), "svft"),
     "svft-top-k-d2": (lambda t, sq: _adapter("lit_peft.adapters.SVFT", pattern="top_k", off_diag=2,
                                              target_modules=sq), "svft"),
+    # truncated SVD (the top 64 singular triplets of each weight): run when named with --methods
+    "svft-plain-k64": (lambda t, sq: _adapter("lit_peft.adapters.SVFT", pattern="plain", svd_rank=64,
+                                              target_modules=t), "svft"),
+    "svft-banded-d2-k64": (lambda t, sq: _adapter("lit_peft.adapters.SVFT", pattern="banded", off_diag=2,
+                                                  svd_rank=64, target_modules=t), "svft"),
 }
+#: Methods a run includes only when --methods names them.
+OPT_IN = ("svft-plain-k64", "svft-banded-d2-k64")
 
 #: Rows not run, with the reason printed in the table.
 NOT_RUN = {
@@ -702,7 +709,7 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", choices=sorted(SUITE_DEFAULTS), default="cpu")
     parser.add_argument("--tasks", nargs="+", default=None, help="default: every task of the suite")
     parser.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS),
-                        help="default: every method (smoke: head-only and lora-r8)")
+                        help="default: every method but " + ", ".join(OPT_IN) + " (smoke: head-only and lora-r8)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per method (default: cpu 3, smoke 1)")
     parser.add_argument("--steps", type=int, default=None, help="override every task's step count")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
@@ -712,6 +719,10 @@ def main(argv=None) -> int:
                         help="skip the speed/memory measurement (scripts/bench_adapters.py) of tasks that have one")
     parser.add_argument("--report-only", action="store_true",
                         help="write the tables and plots from the finished runs under --runs; start nothing")
+    parser.add_argument("--quantize", choices=["nf4", "int8"], default=None,
+                        help="train every method on a quantized frozen base (model.init_args.quantize); the task's "
+                             "runs and report are named <task>-<scheme> (no speed/memory section: see "
+                             "scripts/quantized_base.py)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "compare")
     args = parser.parse_args(argv)
@@ -720,7 +731,7 @@ def main(argv=None) -> int:
     REPORT_ONLY = args.report_only
     if args.threads:
         THREAD_ENV["OMP_NUM_THREADS"] = str(args.threads)
-    methods = args.methods or defaults.get("methods") or list(METHODS)
+    methods = args.methods or defaults.get("methods") or [m for m in METHODS if m not in OPT_IN]
     tasks = make_tasks(args.suite, args.tasks)
     names = args.tasks or list(tasks)
     unknown = [n for n in names if n not in tasks]
@@ -735,12 +746,17 @@ def main(argv=None) -> int:
             task.steps = args.steps
         if args.no_cost:
             task.cost = False
+        if args.quantize:
+            task.name = f"{name}-{args.quantize}"
+            task.title += f", on a {args.quantize} base"
+            task.extra = [*task.extra, "--model.init_args.quantize", args.quantize]
+            task.cost = False
         seeds = args.seeds or task.seeds or defaults["seeds"]
         result = run_task(task, methods, seeds, args.runs.resolve(), args.jobs)
         summary = summarise(result)
         write_report(task, result, summary, args.out, command, seeds, args.suite)
         failed += sum(1 for s in summary if s["status"] == "failed")
-        print(f"{name}: {result['wall_s'] / 60:.1f} min -> {args.out / (name + '.md')}", flush=True)
+        print(f"{task.name}: {result['wall_s'] / 60:.1f} min -> {args.out / (task.name + '.md')}", flush=True)
     return 1 if failed else 0
 
 

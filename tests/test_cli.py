@@ -259,3 +259,78 @@ def test_adapter_placeholder_becomes_the_tag_of_the_adapter_used():
     fill_adapter_placeholder(trainer, "vera_r256")
     assert trainer.default_root_dir == "runs/vera_r256/cifar100" and trainer.logger.init_args.name == "vera_r256"
     assert trainer.callbacks[0].init_args.filename == "vera_r256-{epoch}"
+
+
+def test_export_lora_command_writes_a_trained_run_as_a_peft_lora(tmp_path, capsys):
+    """``python -m lit_peft export-lora --config X --ckpt_path CKPT``: the run's BOFT adapter as a peft LoRA in
+    ``<run>/lora`` (per-layer ranks, the output difference on a validation batch printed and stored); ``--rank``
+    fixes the rank; bad arguments are refused before any model is built."""
+    import json
+
+    data_root = make_vtab_task(tmp_path / "vtab")
+    adapter = {"class_path": "lit_peft.adapters.BOFT",
+               "init_args": {"block_size": 4, "n_butterfly_factors": 2, "target_modules": ["qkv", "fc1"]}}
+    config = write_config(tmp_path, data_root, adapter, max_epochs=1, name="export")
+    run_cli("fit", "--config", str(config), "--test_after_fit=null", cwd=tmp_path)
+    run = tmp_path / "runs" / "export" / "version_0"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    output = run_cli("export-lora", "--config", str(config), "--ckpt_path", str(ckpt), "--tolerance", "1e-6",
+                     cwd=tmp_path)
+    match = re.search(r"LoRA export: 4 layers, ranks (\d+)–(\d+) .*relative difference (\S+) -> (\S+)", output)
+    assert match, output[-2000:]
+    assert Path(match.group(4)) == run / "lora" and float(match.group(3)) < 1e-4
+    report = json.loads((run / "lora" / "lora_export.json").read_text())
+    assert report["tolerance"] == 1e-6 and len(report["layers"]) == 4
+    assert (run / "lora" / "adapter_config.json").is_file() and (run / "lora" / "adapter_model.safetensors").is_file()
+
+    out = tmp_path / "rank2"
+    output = run_cli("export-lora", "--config", str(config), "--ckpt_path", str(ckpt), "--rank", "2", "--out",
+                     str(out), cwd=tmp_path)
+    assert "ranks 2–2" in output and json.loads((out / "lora_export.json").read_text())["rank"] == 2
+
+    def refused(*args):  # in-process: every refusal comes before a model is built
+        from lit_peft.export import main as export_main
+
+        with pytest.raises(SystemExit) as err:
+            export_main(list(args))
+        assert err.value.code != 0
+        return str(err.value.code) + capsys.readouterr().err
+
+    assert "--ckpt_path missing.ckpt is not a file" in refused("--config", str(config), "--ckpt_path", "missing.ckpt")
+    assert "rank must be" in refused("--config", str(config), "--ckpt_path", str(ckpt), "--rank", "0")
+    assert "not allowed with argument" in refused("--config", str(config), "--ckpt_path", str(ckpt), "--rank", "2",
+                                                  "--tolerance", "0.1")
+    assert "--config is required" in refused("--ckpt_path", str(ckpt))
+
+
+def test_quantized_base_from_yaml_trains_merges_and_caches_the_dequantized_svds(tmp_path):
+    """``model.init_args.quantize: nf4`` with SVFT and an SVDCache through the CLI: the console names the quantized
+    layers, the SVD cache holds the SVDs of the dequantized weights (one per q/k/v part and fc1), training runs, and
+    MergeAdapters' check passes on the full-precision merged model it writes."""
+    pytest.importorskip("torchao")
+    data_root = make_vtab_task(tmp_path / "vtab")
+    adapter = {"class_path": "lit_peft.adapters.SVFT",
+               "init_args": {"pattern": "banded", "off_diag": 1, "svd_rank": 8, "target_modules": ["qkv", "fc1"]}}
+    cache = tmp_path / "svd"
+    config = write_config(tmp_path, data_root, adapter, max_epochs=1, name="quant",
+                          callbacks=[{"class_path": "lit_peft.callbacks.SVDCache",
+                                      "init_args": {"cache_dir": str(cache)}}])
+    output = run_cli("fit", "--config", str(config), "--model.init_args.quantize", "nf4", cwd=tmp_path)
+    assert re.search(r"nf4 base: 8 frozen linear layers quantized, their weights [\d.]+ MiB -> [\d.]+ MiB", output), \
+        output[-3000:]
+    assert "SVDCache: the base is stored in nf4" in output
+    assert len(list(cache.glob("*.safetensors"))) == 2 * 4  # q, k, v, fc1 of 2 blocks
+    assert re.search(r"merged vs adapted relative difference \d\.\d\de-0[5-9]", output), output[-3000:]
+    merged = load_file(str(tmp_path / "runs" / "quant" / "version_0" / "merged" / "model.safetensors"))
+    assert merged["blocks.0.attn.qkv.weight"].dtype == torch.float32 and "blocks.0.attn.proj.weight" in merged
+
+
+def test_switching_a_lora_config_to_svft_keeps_svft_at_full_rank():
+    """SVFT's truncation is ``svd_rank``, not ``rank``: jsonargparse carries every argument the new adapter class
+    also has, so a ``rank`` would have turned LoRA's ``rank: 8`` into SVFT keeping 8 singular triplets (the
+    comparison harness switched its LLM config's LoRA to SVFT this way and trained 56 values per layer)."""
+    from helpers.cli import print_config
+
+    config = print_config("--config", "configs/math_lora.yaml", "--model.init_args.adapter", "SVFT")
+    adapter = config["model"]["init_args"]["adapter"]
+    assert adapter["class_path"] == "lit_peft.adapters.SVFT" and adapter["init_args"]["svd_rank"] is None

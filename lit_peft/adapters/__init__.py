@@ -13,6 +13,7 @@ from .io import (adapter_state_dict, load_adapter, merge_adapters, merged_state_
 from .lora import DoRA, DoRALinear, LoRA, LoRALinear
 from .lora_export import LoraExport, export_lora
 from .peft_export import export_peft_adapter, peft_export_problem
+from .quantized import QuantizationReport, QuantizedLinear, dense_weight, quantize_frozen_linears
 from .svft import SVFT, SVDProvider, SVFTLinear
 from .targets import resolve_targets
 from .vera import VeRA, VeRALinear
@@ -22,4 +23,5 @@ __all__ = ["AdapterStrategy", "AdaptedLinear", "BOFT", "OFT", "SVFT", "LoRA", "D
            "merged_state_dict", "save_adapter", "load_adapter", "adapter_state_dict", "read_adapter_config",
            "adapted_layers", "count_parameters", "resolve_targets", "find_strategy", "get_strategy",
            "detach_strategy", "orthogonality_error", "export_peft_adapter", "peft_export_problem",
-           "export_lora", "LoraExport"]
+           "export_lora", "LoraExport", "quantize_frozen_linears", "QuantizedLinear", "QuantizationReport",
+           "dense_weight"]

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed.tensors import full_tensor
+from .quantized import dense_weight, frozen_linear, is_quantized, parts_problem
 from .targets import FUSED_QKV_MODES, TargetSpec, matching_module_names, resolve_targets
 
 if TYPE_CHECKING:
@@ -141,9 +142,12 @@ class AdaptedLinear(nn.Module):
         raise NotImplementedError
 
     def use_weight_side(self, x: Tensor) -> bool:
-        """Whether :meth:`forward` forms the adapted weight (one GEMM) rather than adapting the activations."""
+        """Whether :meth:`forward` forms the adapted weight (one GEMM) rather than adapting the activations (always,
+        with ``side="auto"``, over a quantized base: the weight side would dequantize the whole weight and keep it)."""
         if self.side != "auto":
             return self.side == "weight"
+        if is_quantized(self.weight):
+            return False
         tokens = x.numel() // self.in_features
         backward = torch.is_grad_enabled() and any(p.requires_grad for p in self.adapters.parameters())
         weight_cost, activation_cost = self.side_costs(tokens, backward)
@@ -157,7 +161,8 @@ class AdaptedLinear(nn.Module):
 
     def adapted_weight(self) -> tuple[Tensor, Tensor | None]:
         """The full adapted ``(W', b')`` for a forward pass (autograd flows into the adapter tensors)."""
-        return self._assemble(self.weight, self.bias, self.training)
+        weight = dense_weight(self.weight) if is_quantized(self.weight) else self.weight
+        return self._assemble(weight, self.bias, self.training)
 
     def forward_weight_side(self, x: Tensor) -> Tensor:
         weight, bias = self.adapted_weight()
@@ -168,7 +173,7 @@ class AdaptedLinear(nn.Module):
         outputs = []
         for part, start, stop in self.row_blocks():
             w, b = self.base_rows(start, stop)
-            outputs.append(F.linear(x, w, b) if part is None else part_output(part, x, w, b))
+            outputs.append(frozen_linear(x, w, b) if part is None else part_output(part, x, w, b))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
     # -- merging -----------------------------------------------------------------------------------------------
@@ -176,7 +181,7 @@ class AdaptedLinear(nn.Module):
     def merged_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing what this layer computes in eval mode (merged in >= float32)."""
         self._check_initialised()
-        weight = full_tensor(self.weight)
+        weight = dense_weight(self.weight)  # gathered when sharded, dequantized when quantized
         work = compute_dtype(weight.dtype)
         bias = None if self.bias is None else full_tensor(self.bias).to(work)
         merged_w, merged_b = self._assemble(weight.to(work), bias, training=False)
@@ -374,6 +379,8 @@ class AdapterStrategy:
         modules = dict(model.named_modules())
         for name, parts in targets.items():
             problems += self.check_layer(name, modules[name], parts)
+            problem = parts_problem(name, modules[name], parts)
+            problems += [problem] if problem else []
         trainable = self.trainable_module_names(model)
         if problems:
             raise ValueError(f"cannot apply {type(self).__name__}:\n  - " + "\n  - ".join(problems))
@@ -411,7 +418,10 @@ def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """``{"adapter": ..., "trainable": ..., "total": ...}``; ``adapter`` excludes ``trainable_modules``."""
     adapter = sum(layer.num_adapter_parameters() for layer in adapted_layers(model).values())
-    seen, trainable, total = set(), 0, 0
+    # an adapter part's frozen tensors (SVFT's U, S, V) held as parameters for FSDP2 are not model parameters
+    seen = {id(t) for m in model.modules() for name in getattr(m, "FROZEN_TENSORS", ())
+            if isinstance(t := getattr(m, name, None), nn.Parameter)}
+    trainable = total = 0
     for param in model.parameters():
         if id(param) in seen:
             continue

@@ -37,11 +37,11 @@ from collections.abc import Mapping
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed import full_tensor
 from .base import SIDES, AdaptedLinear, AdapterStrategy, Side, adapter_tensor, adapted_layers, compute_dtype
+from .quantized import dense_weight, frozen_linear
 from .targets import TargetSpec
 
 CAYLEY_METHODS = ("exact", "neumann")
@@ -183,7 +183,7 @@ class _ScaledFrozenLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
-        y = F.linear(x, weight)
+        y = frozen_linear(x, weight)
         y.mul_(scale.to(y.dtype))           # in place: no second activation-sized tensor
         ctx.save_for_backward(y, weight, scale)
         return y
@@ -194,7 +194,7 @@ class _ScaledFrozenLinear(torch.autograd.Function):
         s = scale.to(grad.dtype)
         grad_x = grad_scale = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad * s) @ weight.to(grad.dtype)
+            grad_x = (grad * s) @ dense_weight(weight, grad.dtype)  # a quantized W: dequantized for this product only
         if ctx.needs_input_grad[2]:
             grad_scale = ((grad * y).reshape(-1, y.shape[-1]).sum(0) / s).to(scale.dtype)
         return grad_x, None, grad_scale
@@ -205,7 +205,7 @@ def scaled_frozen_linear(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
     if (torch.is_grad_enabled() and scale.requires_grad and not weight.requires_grad
             and not bool((scale == 0).any())):
         return _ScaledFrozenLinear.apply(x, weight, scale)
-    y = F.linear(x, weight)
+    y = frozen_linear(x, weight)
     return y * scale.to(y.dtype)
 
 
@@ -295,7 +295,7 @@ class BOFTLinear(AdaptedLinear):
         if adapter.bias is not None:
             bias = adapter.bias
         if adapter.scale is None:
-            y = F.linear(rotated, weight)
+            y = frozen_linear(rotated, weight)
         else:
             y = scaled_frozen_linear(rotated, weight, full_tensor(adapter.scale))
         return y if bias is None else y + adapter_tensor(bias, y)

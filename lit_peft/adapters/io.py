@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from ..files import atomic_write
 from ..distributed import full_tensor, is_sharded
-from .base import AdapterStrategy, adapted_layers, count_parameters, detach_strategy, get_strategy
+from .base import AdapterStrategy, adapted_layers, count_parameters, detach_strategy, get_strategy, unwrapped_name
+from .quantized import QuantizedLinear
 from .targets import resolve_targets
 
 if TYPE_CHECKING:
@@ -291,7 +292,12 @@ def merged_state_dict(model: nn.Module, *, keep: bool = True) -> dict[str, Tenso
             if linear.bias is not None:
                 merged[f"{name}.bias"] = linear.bias.detach().cpu()
         del linear
-    prefixes = tuple(f"{name}." for name in layers)
+    # the frozen layers of a quantized base that no adapter wraps: dequantized into plain weights
+    quantized = {unwrapped_name(n): m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    for name, linear in quantized.items():
+        if keep:
+            merged[f"{name}.weight"] = linear.weight.dequantize().detach().cpu()
+    prefixes = tuple(f"{name}." for name in layers) + tuple(f"{name}.weight." for name in quantized)
     gathered: dict[int, Tensor | None] = {}
     for key, tensor in state.items():
         if key.startswith(prefixes):

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import full_tensor
 from .base import AdaptedLinear, AdapterStrategy, adapter_tensor, compute_dtype
+from .quantized import dense_weight, frozen_linear, is_quantized
 from .targets import TargetSpec
 
 
@@ -70,7 +70,7 @@ class LoRALinear(AdaptedLinear):
         return weight + self.delta_weight(part, weight), bias
 
     def part_output(self, part, x, weight, bias):
-        return F.linear(x, weight, bias) + self.low_rank_output(part, x)
+        return frozen_linear(x, weight, bias) + self.low_rank_output(part, x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}"
@@ -82,7 +82,7 @@ class DoRALinear(LoRALinear):
     def __init__(self, base: nn.Linear, parts: Mapping[str, tuple[int, int]], rank: int, alpha: float,
                  dropout: float = 0.0):
         super().__init__(base, parts, rank, alpha, dropout)
-        weight = full_tensor(self.weight).detach()
+        weight = dense_weight(self.weight).detach()
         for part, (start, stop) in self.parts.items():
             norm = torch.linalg.vector_norm(weight[start:stop].to(compute_dtype(weight.dtype)), dim=1)
             self.adapters[part].magnitude = nn.Parameter(norm)
@@ -90,6 +90,11 @@ class DoRALinear(LoRALinear):
     def _norm_scale(self, part: str, weight: Tensor) -> Tensor:
         """``m / ‖W + ΔW‖_row`` with the norm detached (DoRA §4.3)."""
         adapter = self.adapters[part]
+        if is_quantized(weight):
+            with torch.no_grad():  # a quantized base: the norm (a constant) from the dequantized rows, then freed
+                dense = dense_weight(weight, compute_dtype(adapter.magnitude.dtype))
+                norm = torch.linalg.vector_norm(dense + self.delta_weight(part, dense), dim=1)
+            return adapter_tensor(adapter.magnitude, norm) / norm
         norm = torch.linalg.vector_norm((weight + self.delta_weight(part, weight)).detach(), dim=1)
         return adapter_tensor(adapter.magnitude, weight) / norm
 
@@ -101,10 +106,10 @@ class DoRALinear(LoRALinear):
         if self.training and isinstance(self.dropout, nn.Dropout):
             # peft / the DoRA authors: the magnitude's correction of the base path sees the dropped input too
             dropped = self.dropout(x)
-            y = (F.linear(x, weight, bias) + (scale - 1) * F.linear(dropped, weight)
+            y = (frozen_linear(x, weight, bias) + (scale - 1) * frozen_linear(dropped, weight)
                  + scale * self.low_rank_output(part, dropped, dropped=True))
             return y
-        y = scale * (F.linear(x, weight) + self.low_rank_output(part, x))
+        y = scale * (frozen_linear(x, weight) + self.low_rank_output(part, x))
         return y if bias is None else y + bias
 
 

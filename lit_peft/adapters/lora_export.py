@@ -26,7 +26,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ..distributed import full_tensor
 from ..files import atomic_write_folder
 from .base import adapted_layers, get_strategy
+from .quantized import dense_weight
 from .peft_export import PEFT_WEIGHTS_FILE, PREFIX, _require_peft
 
 REPORT_FILE = "lora_export.json"
@@ -182,7 +183,7 @@ def write_lora(folder: str | os.PathLike, factors: Mapping[str, tuple[Tensor, Te
 
 def export_lora(model: nn.Module, folder: str | os.PathLike, *, rank: int | None = None, tolerance: float = 1e-2,
                 example: Any = None, base_model_name_or_path: str | None = None,
-                task_type: str | None = None) -> LoraExport:
+                task_type: str | None = None, outputs: Callable[[nn.Module], Tensor] | None = None) -> LoraExport:
     """Write ``model``'s adapter (any lit_peft strategy) as a peft LoRA folder; returns a :class:`LoraExport`.
 
     Args:
@@ -194,6 +195,8 @@ def export_lora(model: nn.Module, folder: str | os.PathLike, *, rank: int | None
         example: inputs to measure the exported LoRA's output error on (a tensor, or a dict of keyword inputs for
             a Hugging Face model); ``None`` skips the measurement.
         base_model_name_or_path, task_type: recorded in ``adapter_config.json`` (peft's ``"CAUSAL_LM"``, …).
+        outputs: instead of ``example``, a function giving a model's output tensor (e.g. a LightningModule's
+            ``model_outputs`` on a batch); called on ``model`` and on the served LoRA model.
     """
     _check_rank_args(rank, tolerance)
     _require_peft()
@@ -204,7 +207,7 @@ def export_lora(model: nn.Module, folder: str | os.PathLike, *, rank: int | None
     report = LoraExport(folder=Path(folder))
     factors: dict[str, tuple[Tensor, Tensor, Tensor | None]] = {}
     for name, layer in layers.items():
-        weight = full_tensor(layer.weight).detach().double()
+        weight = dense_weight(layer.weight).detach().double()
         bias = None if layer.bias is None else full_tensor(layer.bias).detach().double()
         with torch.no_grad():
             merged_w, merged_b = layer._assemble(weight, bias, training=False)
@@ -217,19 +220,25 @@ def export_lora(model: nn.Module, folder: str | os.PathLike, *, rank: int | None
     head = strategy.trainable_module_names(model)
     head_tensors = {f"{module_name}.{key}": full_tensor(value).detach().cpu()
                     for module_name in head for key, value in model.get_submodule(module_name).state_dict().items()}
-    if example is not None:
-        reference = _outputs(model, example)
+    if example is not None or outputs is not None:
+        def run(m: nn.Module) -> Tensor:
+            if outputs is None:
+                return _outputs(m, example)
+            with torch.no_grad():
+                return outputs(m).double()
+
+        reference = run(model)
         served = copy.deepcopy(model)
         for name, layer in adapted_layers(served).items():  # back to plain layers with the base weights
             plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                               device=layer.weight.device, dtype=layer.weight.dtype)
             with torch.no_grad():
-                plain.weight.copy_(full_tensor(layer.weight))
+                plain.weight.copy_(dense_weight(layer.weight))
                 if layer.bias is not None:
                     plain.bias.copy_(full_tensor(layer.bias))
             parent, _, leaf = name.rpartition(".")
             setattr(served.get_submodule(parent) if parent else served, leaf, plain.requires_grad_(False))
-        got = _outputs(served_model(served, factors).eval(), example)
+        got = run(served_model(served, factors).eval())
         del served
         report.output_relative_error = float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
     write_lora(folder, factors, report, head_tensors, head, rank, tolerance, base_model_name_or_path, task_type)

@@ -37,11 +37,10 @@ from collections.abc import Mapping
 from typing import Literal, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import full_tensor
 from .base import SIDES, AdaptedLinear, AdapterStrategy, Side, adapter_tensor, compute_dtype
+from .quantized import dense_weight, frozen_linear
 from .targets import TargetSpec, part_label
 
 Pattern = Literal["plain", "banded", "random", "top_k"]
@@ -154,11 +153,36 @@ class SVFTPart(nn.Module):
             self.values = nn.Parameter(torch.zeros(k, **trainable))
             self.gate = None
 
+    #: the SVD tensors: frozen, never saved (recomputed or taken from an SVD cache on load)
+    FROZEN_TENSORS = ("U", "S", "V")
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         gate = state_dict.get(prefix + "gate")
         if gate is not None and gate.dim() == 0:  # adapter files written before the gate became 1-d
             state_dict[prefix + "gate"] = gate.reshape(1)
+        if self.svd_as_parameters:  # not in any file: load them onto themselves
+            for name in self.FROZEN_TENSORS:
+                state_dict.setdefault(prefix + name, getattr(self, name).detach())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self.FROZEN_TENSORS:  # frozen parameters under FSDP2, but never part of an adapter's state
+            destination.pop(prefix + name, None)
+
+    @property
+    def svd_as_parameters(self) -> bool:
+        return "U" in self._parameters
+
+    def svd_to_parameters(self) -> None:
+        """Hold ``U``, ``S``, ``V`` as frozen parameters instead of buffers, so that FSDP2's ``fully_shard`` shards
+        them with the frozen base weights (it leaves buffers whole on every rank) and gathers them for the forward
+        pass of their unit like any weight. They stay out of state dicts and parameter counts either way."""
+        for name in self.FROZEN_TENSORS:
+            if name in self._buffers:
+                tensor = self._buffers.pop(name)
+                self._non_persistent_buffers_set.discard(name)
+                self.register_parameter(name, nn.Parameter(tensor.contiguous(), requires_grad=False))
 
     @property
     def rank(self) -> int:
@@ -177,6 +201,11 @@ class SVFTLinear(AdaptedLinear):
         self.side = side
         for part, module in part_modules.items():
             self.adapters[part] = module
+
+    def num_adapter_parameters(self) -> int:
+        """The trained values (and gates): ``U``, ``S``, ``V`` are not counted, also when held as parameters."""
+        return sum(p.numel() for n, p in self.adapters.named_parameters()
+                   if n.rpartition(".")[2] not in SVFTPart.FROZEN_TENSORS)
 
     def coefficients(self, part: str, like: Tensor) -> Tensor:
         """The effective values on Ω (gate applied), in ``like``'s dtype."""
@@ -209,7 +238,7 @@ class SVFTLinear(AdaptedLinear):
     def part_output(self, part, x, weight, bias):
         adapter = self.adapters[part]
         z = self._times_m(part, x @ adapter.V.to(x.dtype), transpose=True)
-        return F.linear(x, weight, bias) + z @ adapter.U.to(x.dtype).mT
+        return frozen_linear(x, weight, bias) + z @ adapter.U.to(x.dtype).mT
 
     def side_costs(self, tokens, backward):
         """Forming ``W + (U M) Vᵀ`` against the activation path.
@@ -244,6 +273,11 @@ class SVFT(AdapterStrategy):
         init: ``"zero"`` (identity at init) or ``"gated"`` (the reference code's random ``M`` times
             ``sigmoid(g)``, for reproducing the paper's numbers).
         seed: seeds the random support and the gated initial values (combined with each layer's name).
+        svd_rank: keep only the top ``svd_rank`` singular triplets of each weight (the reference code's ``rank``
+            option; named apart from LoRA's ``rank`` so that switching a config's adapter does not carry it over):
+            ``W' = W + U_k M V_kᵀ`` with ``U_k: out × k``, ``V_k: in × k`` and ``M`` on Ω of a ``k × k`` matrix,
+            ``k = min(svd_rank, out, in)``; the frozen ``W`` stays whole, so the base function is exact. ``U`` and ``V``
+            cost ``k (out + in)`` values instead of ``r (out + in)``. ``None``: full rank ``r = min(out, in)``.
         svd_dtype: precision of the SVD (``"float32"`` or ``"float64"``); buffers are then stored in the
             model's dtype.
         side: ``"auto"`` picks, per forward call, the cheaper of the weight and the activation formulations.
@@ -252,20 +286,22 @@ class SVFT(AdapterStrategy):
 
     @property
     def tag(self) -> str:
-        return f"svft_{self.pattern}" + ("" if self.pattern == "plain" else f"_d{self.off_diag}")
+        return (f"svft_{self.pattern}" + ("" if self.pattern == "plain" else f"_d{self.off_diag}")
+                + ("" if self.svd_rank is None else f"_k{self.svd_rank}"))
 
     def __init__(self, pattern: Pattern = "plain", off_diag: int = 2, init: Literal["zero", "gated"] = "zero",
-                 seed: int = 0, svd_dtype: Literal["float32", "float64"] = "float32", side: Side = "auto",
-                 target_modules: TargetSpec = "all-linear",
+                 seed: int = 0, svd_rank: int | None = None, svd_dtype: Literal["float32", "float64"] = "float32",
+                 side: Side = "auto", target_modules: TargetSpec = "all-linear",
                  trainable_modules: list[str] | tuple[str, ...] = (), fused_qkv: Literal["split", "joint"] = "split"):
         super().__init__(target_modules, trainable_modules, fused_qkv)
         self.pattern = pattern
         self.off_diag = off_diag
         self.init = init
         self.seed = seed
+        self.svd_rank = svd_rank
         self.svd_dtype = svd_dtype
         self.side = side
-        self.check_arguments(integers={"off_diag": 0}, choices={"pattern": PATTERNS, "init": ("zero", "gated"),
+        self.check_arguments(integers={"off_diag": 0, **({} if svd_rank is None else {"svd_rank": 1})}, choices={"pattern": PATTERNS, "init": ("zero", "gated"),
                                                                  "svd_dtype": ("float32", "float64"), "side": SIDES})
 
     @property
@@ -278,26 +314,37 @@ class SVFT(AdapterStrategy):
         for part, (start, stop) in parts.items():
             label = part_label(name, part)
             out, n = stop - start, linear.in_features
-            rank = min(out, n)
+            rank = self.kept_rank(out, n)
             if self.pattern == "top_k" and out != n:
                 problems.append(f"{label}: pattern='top_k' needs a square weight (u_i and v_j in one space), got "
                                 f"shape ({out}, {n}); use 'banded' or 'random' for this layer")
             if self.pattern != "plain" and self.off_diag >= rank:
-                problems.append(f"{label}: off_diag={self.off_diag} must be smaller than the rank {rank} of its "
+                what = "the rank" if self.svd_rank is None or rank == min(out, n) else "the kept rank"
+                problems.append(f"{label}: off_diag={self.off_diag} must be smaller than {what} {rank} of its "
                                 f"({out}, {n}) weight")
         return problems
 
+    def kept_rank(self, out: int, n: int) -> int:
+        """``k``: the singular triplets kept for an ``(out, n)`` weight (``svd_rank`` capped at ``min(out, n)``)."""
+        return min(out, n) if self.svd_rank is None else min(self.svd_rank, out, n)
+
     def compute_svd(self, name: str, weight: Tensor, svd_provider: SVDProvider | None = None) -> SVD:
-        """The canonical SVD of one part's weight, from ``svd_provider`` when given (e.g. the SVD cache)."""
+        """The canonical SVD of one part's weight, from ``svd_provider`` when given (e.g. the SVD cache), truncated to
+        the top ``svd_rank`` triplets when ``svd_rank`` is set."""
         if svd_provider is not None:
-            return canonical_signs(*svd_provider(name, weight, self.svd_torch_dtype))
-        return canonical_svd(weight, self.svd_torch_dtype)
+            U, S, V = canonical_signs(*svd_provider(name, weight, self.svd_torch_dtype))
+        else:
+            U, S, V = canonical_svd(weight, self.svd_torch_dtype)
+        k = self.kept_rank(*weight.shape)
+        if k < S.numel():
+            U, S, V = U[:, :k].contiguous(), S[:k].contiguous(), V[:, :k].contiguous()
+        return U, S, V
 
     def prepare(self, model, targets, *, svd_provider=None):
         return svd_provider  # what make_layer receives as ``shared``
 
     def make_layer(self, name, linear, parts, shared=None):
-        weight = full_tensor(linear.weight).detach()
+        weight = dense_weight(linear.weight).detach()  # a quantized base: the SVD of the dequantized weight
         modules = {}
         for part, (start, stop) in parts.items():
             label = part_label(name, part)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import AdaptedLinear, AdapterStrategy, adapted_layers, adapter_tensor, compute_dtype
+from .quantized import frozen_linear
 from .targets import TargetSpec
 
 
@@ -77,7 +78,7 @@ class VeRALinear(AdaptedLinear):
         adapter = self.adapters[part]
         A, B = self._pair(part, x)
         h = adapter.lambda_d.to(x.dtype) * F.linear(self.dropout(x), A)
-        return F.linear(x, weight, bias) + adapter.lambda_b.to(x.dtype) * F.linear(h, B)
+        return frozen_linear(x, weight, bias) + adapter.lambda_b.to(x.dtype) * F.linear(h, B)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -19,6 +20,8 @@ from torch import nn
 
 from ..adapters import AdapterStrategy, count_parameters
 from ..adapters.base import unwrapped_name
+from ..adapters.quantized import SCHEMES, QuantizationReport, quantize_frozen_linears
+from ..adapters.targets import resolve_targets
 from ..callbacks import find_svd_provider
 from ..compat import reset_seed, trainer_of
 from ..distributed.lifetime import end_with_job
@@ -54,6 +57,11 @@ class AdaptedModule(AdapterCheckpointMixin, ShardedModuleMixin):
             the default), before its backward pass, so no non-finite value reaches the weights or a checkpoint;
             ``N > 0`` instead skips up to ``N`` such steps in the run (no backward, no optimiser step, a warning
             each) and stops at the next one. With several processes the ranks decide together.
+        quantize: ``"nf4"`` (4-bit NormalFloat, QLoRA's) or ``"int8"``: store the backbone's frozen linear weights
+            quantized (torchao; :mod:`lit_peft.adapters.quantized`) before the adapter is applied, for any adapter;
+            the head, ``trainable_modules`` and weights tied to an embedding stay in full precision. SVFT takes the
+            SVD of the dequantized weights; merging writes a full-precision model. One device only. ``null``: full
+            precision.
 
     Both ``fsdp_*`` options are ignored under DDP and on one device. Lightning's ``FSDPStrategy`` (FSDP1, GPU only)
     has its own knobs (``trainer.strategy.init_args.cpu_offload`` and ``sharding_strategy: SHARD_GRAD_OP`` for no
@@ -64,8 +72,12 @@ class AdaptedModule(AdapterCheckpointMixin, ShardedModuleMixin):
     def __init__(self, adapter: AdapterStrategy | None = None, optimizer: OptimizerFactory = torch.optim.AdamW,
                  head_lr: float | None = None, head_weight_decay: float | None = None,
                  lr_schedule: str = "cosine", warmup_ratio: float = 0.1, warmup_steps: int | None = None,
-                 fsdp_reshard_after_forward: bool = True, fsdp_cpu_offload: bool = False, skip_nonfinite: int = 0):
+                 fsdp_reshard_after_forward: bool = True, fsdp_cpu_offload: bool = False, skip_nonfinite: int = 0,
+                 quantize: Literal["nf4", "int8"] | None = None):
         super().__init__()
+        if quantize not in (None, *SCHEMES):
+            raise ValueError(f"quantize must be one of {', '.join(map(repr, SCHEMES))} or null (full precision), got "
+                             f"{quantize!r}")
         if isinstance(skip_nonfinite, bool) or not isinstance(skip_nonfinite, int) or skip_nonfinite < 0:
             raise ValueError(f"skip_nonfinite must be an integer >= 0 (0: stop at the first non-finite loss), "
                              f"got {skip_nonfinite!r}")
@@ -83,6 +95,8 @@ class AdaptedModule(AdapterCheckpointMixin, ShardedModuleMixin):
         self.fsdp_reshard_after_forward = fsdp_reshard_after_forward
         self.fsdp_cpu_offload = fsdp_cpu_offload
         self.skip_nonfinite = skip_nonfinite
+        self.quantize = quantize
+        self.quantization: QuantizationReport | None = None
         self._nonfinite_skipped = 0
         # Checkpoints hold the trainable tensors only (see state_dict), so loading one is never strict.
         self.strict_loading = False
@@ -150,6 +164,8 @@ class AdaptedModule(AdapterCheckpointMixin, ShardedModuleMixin):
         if self._adapted:
             return
         heads = self.head_names()
+        if self.quantize is not None:
+            self.quantize_base(heads)
         if self.adapter is not None:
             missing = [h for h in heads if h not in self.adapter.trainable_modules]
             self.adapter.trainable_modules = list(self.adapter.trainable_modules) + missing
@@ -169,6 +185,22 @@ class AdaptedModule(AdapterCheckpointMixin, ShardedModuleMixin):
                        f"lit_peft: adapter parameters: {counts['adapter']:,} | trainable parameters: "
                        f"{counts['trainable']:,} | total parameters: {counts['total']:,} | trainable "
                        f"{100 * counts['trainable'] / max(1, counts['total']):.3f}%")
+
+    def quantize_base(self, heads: list[str]) -> None:
+        """Store the backbone's frozen linear weights in ``self.quantize`` (:mod:`lit_peft.adapters.quantized`), the
+        adapter's parts as separate blocks; the head and the adapter's ``trainable_modules`` stay in full precision."""
+        trainer = trainer_of(self)
+        if trainer is not None and trainer.world_size > 1:
+            raise ValueError(f"model.init_args.quantize: {self.quantize!r} trains on one device; a quantized base "
+                             f"under {type(trainer.strategy).__name__} over {trainer.world_size} processes is not "
+                             f"supported (quantize: null, or devices: 1)")
+        keep = list(heads)
+        targets = {}
+        if self.adapter is not None:
+            keep += list(self.adapter.trainable_modules)
+            targets = resolve_targets(self.model, self.adapter.target_modules, self.adapter.fused_qkv, exclude=keep)
+        self.quantization = quantize_frozen_linears(self.model, self.quantize, targets=targets, keep=keep)
+        rank_zero_info(f"lit_peft: {self.quantization.summary()}")
 
     # -- optimisation --------------------------------------------------------------------------------------------
     def checked_loss(self, loss: torch.Tensor, batch_idx: int) -> torch.Tensor | None:

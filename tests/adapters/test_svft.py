@@ -189,3 +189,62 @@ def test_svft_off_diag_at_least_rank():
     model = SVFT(pattern="banded", off_diag=3).apply(Stack([8, 4, 8]))
     assert model.layers[0].num_adapter_parameters() == svft_count(4, 8, "banded", 3)
     SVFT(pattern="plain", off_diag=40).apply(Stack([8, 4]))  # plain ignores off_diag
+
+
+# == truncated rank ================================================================================================
+@pytest.mark.parametrize("pattern", ["plain", "banded", "random", "top_k"])
+def test_svft_svd_rank_is_the_papers_update_on_the_top_k_triplets(tmp_path, pattern):
+    """``svd_rank=k``: ``W' = W + U_k M V_kᵀ`` (float64 reference from the weight's own SVD), the base exact at init,
+    ``U``/``V`` of ``k`` columns (``k`` capped at ``min(out, in)``), the support counted on ``k``, exact merge and
+    a save/load round trip."""
+    widths = [24, 24, 40] if pattern == "top_k" else [24, 32, 40, 16]
+    model = Stack(widths, seed=3).double()
+    reference_model = Stack(widths, seed=3).double()
+    strategy = SVFT(pattern=pattern, off_diag=1, svd_rank=6, svd_dtype="float64",
+                    target_modules=["layers.0"] if pattern == "top_k" else "all-linear")
+    strategy.apply(model)
+    x = torch.randn(5, widths[0], dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_model(x), rtol=0, atol=0)  # zero init: the base function
+    randomize(model, seed=4, std=0.3)
+    for name, layer in adapted_layers(model).items():
+        a = layer.adapters["all"]
+        W = reference_model.get_submodule(name).weight.detach()
+        k = min(6, *W.shape)
+        assert a.U.shape == (W.shape[0], k) and a.V.shape == (W.shape[1], k) and a.rank == k
+        assert len(a.rows) == (k if pattern == "plain" else svft_count(k, k, "banded", 1))
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        torch.testing.assert_close(a.S, S[:k])
+        # the kept triplets span the same subspaces as the top-k SVD (up to the canonical signs)
+        torch.testing.assert_close((a.U * U[:, :k]).sum(0).abs(), torch.ones(k, dtype=torch.float64))
+        M = torch.zeros(k, k, dtype=torch.float64).index_put((a.rows, a.cols), a.values.detach())
+        h = torch.randn(5, W.shape[1], dtype=torch.float64)
+        expected = F.linear(h, W + a.U @ M @ a.V.mT, layer.bias)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(h), expected)
+            torch.testing.assert_close(layer.merged_linear()(h), expected)
+    assert strategy.tag == f"svft_{pattern}" + ("" if pattern == "plain" else "_d1") + "_k6"
+    save_adapter(model, tmp_path / "a")
+    loaded = Stack(widths, seed=3).double()
+    load_adapter(loaded, tmp_path / "a")
+    assert get_strategy(loaded).svd_rank == 6
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_svft_truncated_rank_memory_and_refusals():
+    """``U`` and ``V`` shrink by ``k / min(out, in)``; a rank below ``off_diag + 1`` is refused naming the layer and
+    the kept rank; ``rank`` must be an integer >= 1."""
+    full = SVFT(pattern="banded", off_diag=2).apply(Stack([48, 48, 96]))
+    cut = SVFT(pattern="banded", off_diag=2, svd_rank=12).apply(Stack([48, 48, 96]))
+
+    def uv_values(model):
+        return sum(a.U.numel() + a.V.numel() for layer in adapted_layers(model).values()
+                   for a in layer.adapters.values())
+
+    assert uv_values(full) == 48 * (48 + 48) + 48 * (96 + 48) and uv_values(cut) == 12 * (48 + 48) + 12 * (96 + 48)
+    expect_apply_error(Stack([48, 48]), SVFT(pattern="banded", off_diag=2, svd_rank=2), "layers.0", "off_diag=2",
+                       "the kept rank 2")
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="svd_rank must be an integer >= 1"):
+            SVFT(svd_rank=bad)

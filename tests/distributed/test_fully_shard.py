@@ -47,8 +47,9 @@ def worker(rank: int, world: int, port: int, folder: str, errors) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        from lit_peft.adapters import (adapter_state_dict, merge_adapters, merged_state_dict, orthogonality_error,
-                                       save_adapter)
+        from lit_peft.adapters import (adapter_state_dict, count_parameters, merge_adapters, merged_state_dict,
+                                       orthogonality_error, save_adapter)
+        from lit_peft.distributed import shard_svd_tensors
 
         mesh = init_device_mesh("cpu", (world,))
         x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -68,9 +69,17 @@ def worker(rank: int, world: int, port: int, folder: str, errors) -> None:
             del ddp, single
 
             model = copy.deepcopy(reference)
+            assert shard_svd_tensors(model) == (12 if method == "svft" else 0)  # q, k, v, proj, fc1, fc2 × 2
             for block in model.blocks:
                 fully_shard(block, mesh=mesh)
             fully_shard(model, mesh=mesh)
+            if method == "svft":  # U, S, V sharded like the frozen weights, not whole on every rank
+                part = model.blocks[0].mlp.fc1.adapters["all"]
+                for name in ("U", "S", "V"):
+                    tensor = getattr(part, name)
+                    assert hasattr(tensor, "full_tensor") and not tensor.requires_grad, name
+                    assert tensor.to_local().numel() <= tensor.numel() // 2 + tensor.shape[1:].numel(), name
+            assert count_parameters(model) == count_parameters(reference), method
 
             out, ref_out = model(x), reference(x)
             torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6, msg=f"{method}: forward")

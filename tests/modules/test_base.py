@@ -116,3 +116,35 @@ def test_resume_with_another_adapter_is_refused(tmp_path, resume_with, needles):
         trainer(tmp_path / "again", [], max_steps=4).fit(make_module(resume_with()), _loader(set()), ckpt_path=last)
     for needle in needles:
         assert needle in str(err.value), (needle, str(err.value))
+
+
+def test_quantize_option_stores_the_frozen_base_and_keeps_head_and_checkpoint_small():
+    """``quantize: nf4`` on a module: the backbone's frozen linears quantized (the adapter's parts as blocks) before
+    the adapter, the head in full precision and trainable; a checkpoint holds the trainable tensors only; more than
+    one process and an unknown scheme are refused, naming the option."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("torchao")
+    from helpers.models import tiny_vit
+    from lit_peft.adapters import BOFT, QuantizedLinear, adapted_layers
+    from lit_peft.adapters.quantized import QuantizedWeight
+
+    module = tiny_vit(adapter=BOFT(block_size=4, n_butterfly_factors=2, target_modules=["qkv", "fc1"]),
+                      quantize="nf4")
+    module.configure_model()
+    layers = adapted_layers(module.model)
+    assert all(isinstance(layer.weight, QuantizedWeight) for layer in layers.values())
+    assert layers["blocks.0.attn.qkv"].weight.blocks == [(0, 32), (32, 64), (64, 96)]
+    assert isinstance(module.model.blocks[0].attn.proj, QuantizedLinear)  # frozen, not adapted: quantized too
+    assert type(module.model.head) is torch.nn.Linear and module.model.head.weight.requires_grad
+    assert "frozen linear layers quantized" in module.quantization.summary()
+    state = module.state_dict()
+    assert not any("quantized" in key for key in state) and any(".adapters." in key for key in state)
+    module(torch.randn(2, 3, 32, 32)).sum().backward()
+
+    with pytest.raises(ValueError, match=r"quantize must be one of 'nf4', 'int8' or null"):
+        tiny_vit(quantize="fp4")
+    module = tiny_vit(adapter=BOFT(block_size=4, target_modules=["qkv"]), quantize="int8")
+    module._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(), callbacks=[])
+    with pytest.raises(ValueError, match=r"model.init_args.quantize: 'int8' trains on one device"):
+        module.apply_adapter()
