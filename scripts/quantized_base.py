@@ -7,12 +7,13 @@ Each row is measured as in ``scripts/bench_adapters.py --model smollm2`` (its ow
 task's first training batch, the model's LM loss, median step time), after
 ``lit_peft.adapters.quantize_frozen_linears(model, scheme)`` for the quantized rows. Memory per row:
 
-- linear weights: the 210 decoder linears as stored (float32, or quantized with their scales); the tied
-  embedding / ``lm_head`` (113 MiB in float32) is the same in every row and left out;
+- linear weights: every ``nn.Linear`` weight as stored: the 210 decoder linears (float32, or quantized with their
+  scales) plus ``lm_head``, which is tied to the input embedding and stays float32 (108 MiB in every row);
 - step peak: the adapter's own tensors (SVFT's ``U``/``V`` included) plus the peak bytes live in torch's CPU
   allocator during one training step (saved activations, the dequantized weight of the layer being computed,
   gradients), from ``torch.profiler(profile_memory=True)``;
-- total = linear weights + step peak: what training holds at its peak beyond the embedding and the inputs.
+- total = linear weights + step peak: what training holds at its peak beyond the inputs (the embedding is
+  ``lm_head``'s weight, counted once).
 
 Examples::
 

@@ -60,9 +60,10 @@ def svd_bytes(model) -> tuple[int, int]:
 
 
 def linear_weight_bytes(model) -> int:
-    from lit_peft.adapters.quantized import base_weight_bytes
+    """Bytes of the adapted layers' frozen weights (the 210 projections; not the tied embedding / lm_head)."""
+    from lit_peft.adapters import adapted_layers
 
-    return base_weight_bytes(model)
+    return sum(layer.weight.numel() * layer.weight.element_size() for layer in adapted_layers(model).values())
 
 
 def fsdp_worker(rank: int, world: int, port: int, args, out: str) -> None:
