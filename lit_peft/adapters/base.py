@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ..distributed.tensors import full_tensor
 from .quantized import dense_weight, frozen_linear, is_quantized, parts_problem
-from .targets import FUSED_QKV_MODES, TargetSpec, matching_module_names, resolve_targets
+from .targets import FUSED_QKV_MODES, TargetSpec, matching_module_names, resolve_targets, row_blocks
 
 if TYPE_CHECKING:
     from .svft import SVDProvider
@@ -94,21 +94,17 @@ class AdaptedLinear(nn.Module):
     # -- structure ---------------------------------------------------------------------------------------------
     def row_blocks(self) -> Iterator[tuple[str | None, int, int]]:
         """``(part or None, start, stop)`` covering rows ``0..out`` in order; ``None`` marks frozen rows."""
-        row = 0
-        for name, (start, stop) in self.parts.items():
-            if start > row:
-                yield None, row, start
-            yield name, start, stop
-            row = stop
-        if row < self.out_features:
-            yield None, row, self.out_features
+        return row_blocks(self.parts, self.out_features)
 
     def base_rows(self, start: int, stop: int) -> tuple[Tensor, Tensor | None]:
         bias = None if self.bias is None else self.bias[start:stop]
         return self.weight[start:stop], bias
 
     def num_adapter_parameters(self) -> int:
-        return sum(p.numel() for p in self.adapters.parameters())
+        """The adapter's own parameters, without a part's ``FROZEN_TENSORS`` (SVFT's ``U``, ``S``, ``V`` held as
+        frozen parameters under FSDP2)."""
+        return sum(p.numel() for part in self.adapters.values() for name, p in part.named_parameters()
+                   if name not in getattr(part, "FROZEN_TENSORS", ()))
 
     # -- maths -------------------------------------------------------------------------------------------------
     def adapted_rows(self, part: str, weight: Tensor, bias: Tensor | None, *,
@@ -161,8 +157,7 @@ class AdaptedLinear(nn.Module):
 
     def adapted_weight(self) -> tuple[Tensor, Tensor | None]:
         """The full adapted ``(W', b')`` for a forward pass (autograd flows into the adapter tensors)."""
-        weight = dense_weight(self.weight) if is_quantized(self.weight) else self.weight
-        return self._assemble(weight, self.bias, self.training)
+        return self._assemble(dense_weight(self.weight), self.bias, self.training)
 
     def forward_weight_side(self, x: Tensor) -> Tensor:
         weight, bias = self.adapted_weight()

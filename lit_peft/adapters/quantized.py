@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distributed.tensors import full_tensor
+from .targets import row_blocks
 
 Scheme = Literal["nf4", "int8"]
 SCHEMES = ("nf4", "int8")
@@ -281,8 +282,8 @@ def quantize_frozen_linears(model: nn.Module, scheme: str, *,
         keep: names of modules left in full precision, with everything inside them (the trainable head).
 
     Weights tied to another module (an LLM's ``lm_head`` sharing the embedding) stay in full precision. The
-    quantized weights are frozen (``requires_grad=False``) whatever they were. Every layer is checked before any is changed (one ``ValueError`` naming all
-    that cannot be quantized).
+    quantized weights are frozen (``requires_grad=False``) whatever they were. Every layer is checked before any is
+    changed (one ``ValueError`` naming all that cannot be quantized).
     """
     if scheme not in SCHEMES:
         raise ValueError(f"quantize must be one of {', '.join(map(repr, SCHEMES))} (or null), got {scheme!r}")
@@ -301,7 +302,7 @@ def quantize_frozen_linears(model: nn.Module, scheme: str, *,
             report.skipped[name] = "weight tied to another module"
             continue
         parts = targets.get(name)
-        blocks = _row_blocks(parts, module.out_features) if parts else [(0, module.out_features)]
+        blocks = [(start, stop) for _, start, stop in row_blocks(parts or {}, module.out_features)]
         problem = check_quantizable(name, module, scheme, blocks)
         if problem:
             problems.append(problem)
@@ -317,19 +318,6 @@ def quantize_frozen_linears(model: nn.Module, scheme: str, *,
         setattr(model.get_submodule(parent) if parent else model, leaf, quantized)
         del module
     return report
-
-
-def _row_blocks(parts: Mapping[str, tuple[int, int]], out: int) -> list[tuple[int, int]]:
-    """The parts' row ranges and the frozen ranges between them, covering ``0..out`` in order."""
-    blocks, row = [], 0
-    for start, stop in sorted(parts.values()):
-        if start > row:
-            blocks.append((row, start))
-        blocks.append((start, stop))
-        row = stop
-    if row < out:
-        blocks.append((row, out))
-    return blocks
 
 
 def base_weight_bytes(model: nn.Module) -> int:

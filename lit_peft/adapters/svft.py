@@ -202,11 +202,6 @@ class SVFTLinear(AdaptedLinear):
         for part, module in part_modules.items():
             self.adapters[part] = module
 
-    def num_adapter_parameters(self) -> int:
-        """The trained values (and gates): ``U``, ``S``, ``V`` are not counted, also when held as parameters."""
-        return sum(p.numel() for n, p in self.adapters.named_parameters()
-                   if n.rpartition(".")[2] not in SVFTPart.FROZEN_TENSORS)
-
     def coefficients(self, part: str, like: Tensor) -> Tensor:
         """The effective values on Ω (gate applied), in ``like``'s dtype."""
         adapter = self.adapters[part]
@@ -301,8 +296,9 @@ class SVFT(AdapterStrategy):
         self.svd_rank = svd_rank
         self.svd_dtype = svd_dtype
         self.side = side
-        self.check_arguments(integers={"off_diag": 0, **({} if svd_rank is None else {"svd_rank": 1})}, choices={"pattern": PATTERNS, "init": ("zero", "gated"),
-                                                                 "svd_dtype": ("float32", "float64"), "side": SIDES})
+        self.check_arguments(integers={"off_diag": 0, **({} if svd_rank is None else {"svd_rank": 1})},
+                             choices={"pattern": PATTERNS, "init": ("zero", "gated"),
+                                      "svd_dtype": ("float32", "float64"), "side": SIDES})
 
     @property
     def svd_torch_dtype(self) -> torch.dtype:

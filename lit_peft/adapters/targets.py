@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from torch import nn
 
@@ -17,6 +17,19 @@ FUSED_QKV_NAMES = ("qkv",)
 FUSED_QKV_MODES = ("split", "joint")
 
 TargetSpec = str | Sequence[str]
+
+
+def row_blocks(parts: Mapping[str, tuple[int, int]], out: int) -> Iterator[tuple[str | None, int, int]]:
+    """``(part or None, start, stop)`` covering rows ``0..out`` in order, from ``parts`` (``{part: (start, stop)}``);
+    ``None`` marks the frozen rows between and after them."""
+    row = 0
+    for name, (start, stop) in sorted(parts.items(), key=lambda kv: kv[1][0]):
+        if start > row:
+            yield None, row, start
+        yield name, start, stop
+        row = stop
+    if row < out:
+        yield None, row, out
 
 
 def part_label(name: str, part: str) -> str:
